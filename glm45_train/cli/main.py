@@ -1,0 +1,41 @@
+"""`glm45-train` entry point: one subcommand per module in this package, each parsing and calling one function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from glm45_train import __version__
+from glm45_train.cli import make_tiny
+from glm45_train.errors import UserError
+
+COMMANDS = (make_tiny,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glm45-train",
+        description="Train and fine-tune GLM-4.5 / GLM-4.5-Air on Megatron-Core.",
+    )
+    parser.add_argument("--version", action="version", version=f"glm45-train {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, FileExistsError, FileNotFoundError) as err:
+        print(f"glm45-train {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"glm45-train {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

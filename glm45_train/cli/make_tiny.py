@@ -1,0 +1,28 @@
+"""`glm45-train make-tiny OUT_DIR [--preset air|glm45] [--seed N] [--overwrite]`."""
+
+from __future__ import annotations
+
+import argparse
+
+from glm45_train.model.tiny import PRESETS
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "make-tiny",
+        help="write a tiny GLM-4.5 checkpoint (released on-disk format) with a local tokenizer",
+    )
+    parser.add_argument("out_dir", metavar="OUT_DIR")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="air")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from glm45_train.model.tiny import make_tiny
+
+    out = make_tiny(args.out_dir, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    print(f"wrote tiny GLM-4.5 ({args.preset}, seed {args.seed}) to {out}: {len(shards)} shards")
+    return 0

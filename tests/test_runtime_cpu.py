@@ -1,0 +1,65 @@
+"""Each CPU adaptation of Megatron-Core (glm45_train/runtime/cpu.py) does what its row promises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glm45_train.runtime import cpu
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the adaptations are CPU-only by design")
+
+
+def test_apply_is_idempotent_and_reports_cpu_mode():
+    assert cpu.apply() is True
+    assert cpu.apply() is True
+
+
+def test_current_device_answers_cpu_so_the_router_builds(megatron_world):
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from glm45_train.model.hf_config import Glm45Config, to_transformer_config
+    from glm45_train.model.tiny import tiny_config
+
+    assert torch.cuda.current_device() == torch.device("cpu")
+    config = to_transformer_config(Glm45Config.from_dict(tiny_config("air", 128, [0, 1, 2])))
+    router = TopKRouter(config=config, pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    assert router.weight.device.type == "cpu" and router.expert_bias.dtype == torch.float32
+
+
+def test_rng_tracker_forks_named_streams_reproducibly(megatron_world):
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    assert isinstance(tracker, cpu.CpuRNGStatesTracker)
+    saved = tracker.get_states()
+    before_default = torch.get_rng_state()
+    with tracker.fork():
+        first = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), before_default)  # the default stream is untouched
+    tracker.set_states(saved)
+    with tracker.fork():
+        again = torch.rand(4)
+    assert torch.equal(first, again)  # restoring the states replays the stream (exact resume)
+    with pytest.raises(RuntimeError, match="not added"):
+        with tracker.fork("no-such-stream"):
+            pass
+
+
+def test_missing_te_symbol_is_defined():
+    from megatron.core.transformer.moe import moe_utils
+
+    assert moe_utils.te_general_gemm is None
+
+
+def test_synchronize_is_a_noop():
+    assert torch.cuda.synchronize() is None
+
+
+def test_default_causal_mask_is_built_on_cpu():
+    from megatron.core.fusions import fused_softmax
+
+    mask = fused_softmax.get_default_causal_mask(4)
+    assert mask.device.type == "cpu" and mask.dtype == torch.bool
+    assert torch.equal(mask, torch.ones(4, 4).triu(1).bool())
