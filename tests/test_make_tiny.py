@@ -12,7 +12,8 @@ from safetensors import safe_open
 from glm45_train.cli.main import main
 from glm45_train.convert.hf_io import HFCheckpointReader
 from glm45_train.model.hf_config import Glm45Config
-from glm45_train.model.tiny import hf_tensor_shapes, make_tiny
+from glm45_train.model.hf_layout import hf_tensor_shapes
+from glm45_train.model.tiny import make_tiny
 
 
 @pytest.mark.parametrize("preset", ["air", "glm45"])

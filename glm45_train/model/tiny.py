@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 
 from glm45_train.convert.hf_io import HFCheckpointWriter
 from glm45_train.model.hf_config import Glm45Config
+from glm45_train.model.hf_layout import EXPERT_BIAS_KEY, MTP_COPIES, hf_tensor_shapes
 from glm45_train.model.tokenizer import stop_token_ids, vocab_size_for, write_tokenizer
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -71,8 +71,6 @@ _COMMON: dict[str, Any] = dict(
     use_cache=True,
 )
 
-EXPERT_BIAS_KEY = "mlp.gate.e_score_correction_bias"
-
 
 def tiny_config(preset: str, vocab_size: int, stop_ids: list[int]) -> dict[str, Any]:
     if preset not in PRESETS:
@@ -80,49 +78,6 @@ def tiny_config(preset: str, vocab_size: int, stop_ids: list[int]) -> dict[str, 
     config = {**_COMMON, **PRESETS[preset], "vocab_size": vocab_size}
     config.update(eos_token_id=stop_ids, pad_token_id=stop_ids[0])
     return dict(sorted(config.items()))
-
-
-def hf_tensor_shapes(hf: Glm45Config) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """Every tensor of a released glm4_moe checkpoint with its shape, MTP layer included, in file order."""
-    h, v = hf.hidden_size, hf.vocab_size
-    q_out, kv_out = hf.num_attention_heads * hf.head_dim, hf.num_key_value_heads * hf.head_dim
-    yield "model.embed_tokens.weight", (v, h)
-    for layer in range(hf.num_hidden_layers + hf.num_nextn_predict_layers):
-        p = f"model.layers.{layer}."
-        yield p + "input_layernorm.weight", (h,)
-        yield p + "post_attention_layernorm.weight", (h,)
-        for proj, out in (("q", q_out), ("k", kv_out), ("v", kv_out)):
-            yield p + f"self_attn.{proj}_proj.weight", (out, h)
-            if hf.attention_bias:
-                yield p + f"self_attn.{proj}_proj.bias", (out,)
-        yield p + "self_attn.o_proj.weight", (h, q_out)
-        if hf.use_qk_norm:
-            yield p + "self_attn.q_norm.weight", (hf.head_dim,)
-            yield p + "self_attn.k_norm.weight", (hf.head_dim,)
-        if layer < hf.first_k_dense_replace:
-            yield from _mlp_shapes(p + "mlp.", h, hf.intermediate_size)
-        else:
-            yield p + "mlp.gate.weight", (hf.n_routed_experts, h)
-            yield p + EXPERT_BIAS_KEY, (hf.n_routed_experts,)
-            for e in range(hf.n_routed_experts):
-                yield from _mlp_shapes(p + f"mlp.experts.{e}.", h, hf.moe_intermediate_size)
-            if hf.n_shared_experts:
-                yield from _mlp_shapes(p + "mlp.shared_experts.", h, hf.moe_intermediate_size * hf.n_shared_experts)
-        if layer >= hf.num_hidden_layers:  # the MTP layer's own tensors
-            yield p + "enorm.weight", (h,)
-            yield p + "hnorm.weight", (h,)
-            yield p + "eh_proj.weight", (h, 2 * h)
-            yield p + "shared_head.norm.weight", (h,)
-            yield p + "embed_tokens.weight", (v, h)
-            yield p + "shared_head.head.weight", (v, h)
-    yield "model.norm.weight", (h,)
-    yield "lm_head.weight", (v, h)
-
-
-def _mlp_shapes(prefix: str, h: int, ffn: int) -> Iterator[tuple[str, tuple[int, ...]]]:
-    yield prefix + "gate_proj.weight", (ffn, h)
-    yield prefix + "up_proj.weight", (ffn, h)
-    yield prefix + "down_proj.weight", (h, ffn)
 
 
 def tiny_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -162,7 +117,8 @@ def make_tiny(out_dir: str | Path, preset: str = "air", seed: int = 0, overwrite
     total = sum(math.prod(s) * 2 for _, s in shapes)
     writer = HFCheckpointWriter(staging, max_shard_bytes=total // 3 + 1)  # the release is sharded: so are we
     for name, shape in shapes:
-        writer.add(name, tiny_tensor(name, shape, seed))
+        copy_of = MTP_COPIES.get(name.split(".", 3)[-1]) if name.startswith("model.layers.") else None
+        writer.add(name, tiny_tensor(copy_of or name, shape, seed))  # MTP copies equal their sources
     writer.finish()
 
     if out_dir.exists():

@@ -1,0 +1,182 @@
+"""The declarative HF <-> mcore table (converters/<family>.yaml) instantiated for one model config.
+
+`Glm45Mapping(hf, spec)` expands the table's patterns over layers, experts and the MTP layer into concrete
+rules, checks them against the config, and converts one mcore tensor at a time in either direction:
+
+    mapping = Glm45Mapping(hf, spec="local")
+    mapping.check_hf_names(reader.names())            # unknown or missing HF tensors -> MappingError
+    tensor = mapping.to_mcore("decoder.layers.1.self_attention.linear_qkv.weight", reader.get)
+    for hf_name, t in mapping.to_hf(mcore_name, tensor): ...
+
+Names are the GPTModel state_dict names at TP=PP=EP=1. Sharding (TP/PP/EP) is not this module's concern.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from glm45_train.convert import transforms
+from glm45_train.errors import UserError
+from glm45_train.model.hf_config import Glm45Config
+from glm45_train.model.hf_layout import hf_tensor_shapes
+
+CONVERTERS_DIR = Path(__file__).resolve().parents[2] / "converters"
+Spec = Literal["te", "local"]
+
+
+class MappingError(UserError, KeyError):
+    """An HF tensor no rule covers, an expected tensor that is missing, or a shape that disagrees."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One mcore tensor and the HF tensors it is made of."""
+
+    mcore: str
+    hf: tuple[str, ...]
+    transform: str = "identity"
+
+
+def load_table(family: str = "glm4_moe") -> dict[str, Any]:
+    path = CONVERTERS_DIR / f"{family}.yaml"
+    if not path.exists():
+        raise MappingError(f"no mapping table for model family {family!r} ({path} missing)")
+    return yaml.safe_load(path.read_text())
+
+
+class Glm45Mapping:
+    def __init__(self, hf: Glm45Config, spec: Spec = "te", family: str = "glm4_moe") -> None:
+        self.hf, self.spec = hf, spec
+        table = load_table(family)
+        self.rules: dict[str, Rule] = {}
+        self.copies: dict[str, str] = {}  # HF copy name -> HF source name
+        for entry in table["rules"]:
+            for rule in self._expand(entry, table["mtp_inner_prefix"]):
+                if rule.mcore in self.rules:
+                    raise MappingError(f"{family}.yaml: two rules produce {rule.mcore}")
+                self.rules[rule.mcore] = rule
+        for entry in table.get("copies", []):
+            for m in range(hf.num_nextn_predict_layers):
+                self.copies[self._hf_prefix("mtp", m) + entry["hf"]] = entry["source"]
+        self._shapes = dict(hf_tensor_shapes(hf))
+        self._hf_to_rule = {name: rule for rule in self.rules.values() for name in rule.hf}
+
+    # -- expansion of the table ------------------------------------------------------------------------------
+
+    def _layers(self, scope: str) -> Iterator[tuple[str, int]]:
+        """(kind, index) pairs a scope covers: ("decoder", L) or ("mtp", M)."""
+        k, n, mtp = self.hf.first_k_dense_replace, self.hf.num_hidden_layers, self.hf.num_nextn_predict_layers
+        if scope in ("layer", "dense", "moe"):
+            first, last = {"layer": (0, n), "dense": (0, k), "moe": (k, n)}[scope]
+            yield from (("decoder", layer) for layer in range(first, last))
+        if scope in ("layer", "moe", "mtp"):
+            yield from (("mtp", m) for m in range(mtp))
+
+    def _hf_prefix(self, kind: str, index: int) -> str:
+        return f"model.layers.{index + (self.hf.num_hidden_layers if kind == 'mtp' else 0)}."
+
+    def _expand(self, entry: dict[str, Any], mtp_inner: str) -> Iterator[Rule]:
+        when = entry.get("when")
+        if when and not getattr(self.hf, when):
+            return
+        mcore = entry["mcore"] if isinstance(entry["mcore"], str) else entry["mcore"][self.spec]
+        hf_names = [entry["hf"]] if isinstance(entry["hf"], str) else list(entry["hf"])
+        transform = entry.get("transform", "identity")
+        if entry["scope"] == "global":
+            yield Rule(mcore, tuple(hf_names), transform)
+            return
+        experts = range(self.hf.n_routed_experts) if "{E}" in mcore else [None]
+        for kind, index in self._layers(entry["scope"]):
+            hf_prefix = self._hf_prefix(kind, index)
+            if kind == "decoder":
+                mcore_prefix = f"decoder.layers.{index}."
+            else:
+                inner = "" if entry["scope"] == "mtp" else mtp_inner
+                mcore_prefix = f"mtp.layers.{index}.{inner}"
+            for e in experts:
+                fill = {"E": e} if e is not None else {}
+                yield Rule(
+                    mcore_prefix + mcore.format(**fill),
+                    tuple(hf_prefix + name.format(**fill) for name in hf_names),
+                    transform,
+                )
+
+    # -- checks ----------------------------------------------------------------------------------------------
+
+    def expected_hf_names(self) -> set[str]:
+        return set(self._hf_to_rule) | set(self.copies)
+
+    def check_hf_names(self, names: Iterable[str]) -> None:
+        names = set(names)
+        unknown = sorted(names - self.expected_hf_names())
+        missing = sorted(self.expected_hf_names() - names)
+        problems = []
+        if unknown:
+            problems.append(f"{len(unknown)} tensor(s) no rule covers: {_preview(unknown)}")
+        if missing:
+            problems.append(f"{len(missing)} expected tensor(s) missing: {_preview(missing)}")
+        if problems:
+            raise MappingError("checkpoint does not match the glm4_moe config: " + "; ".join(problems))
+
+    def check_shape(self, hf_name: str, tensor: torch.Tensor) -> None:
+        expected = self._shapes.get(hf_name)
+        if expected is not None and tuple(tensor.shape) != expected:
+            raise MappingError(
+                f"tensor {hf_name} has shape {tuple(tensor.shape)}, but config.json implies {expected}"
+            )
+
+    # -- conversion ------------------------------------------------------------------------------------------
+
+    def to_mcore(self, mcore_name: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        rule = self.rules.get(mcore_name)
+        if rule is None:
+            raise MappingError(f"no rule produces mcore tensor {mcore_name}")
+        parts = []
+        for name in rule.hf:
+            tensor = read(name)
+            self.check_shape(name, tensor)
+            parts.append(tensor)
+        if rule.transform == "qkv":
+            return transforms.qkv_merge(*parts, num_query_groups=self.hf.num_key_value_heads)
+        if rule.transform == "gate_up":
+            return transforms.gate_up_merge(*parts)
+        return parts[0]
+
+    def to_hf(self, mcore_name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        rule = self.rules.get(mcore_name)
+        if rule is None:
+            raise MappingError(f"mcore tensor {mcore_name} has no HF counterpart in the glm4_moe table")
+        if rule.transform == "qkv":
+            hf = self.hf
+            parts = transforms.qkv_split(tensor, hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim)
+        elif rule.transform == "gate_up":
+            parts = transforms.gate_up_split(tensor)
+        else:
+            parts = (tensor,)
+        pairs = list(zip(rule.hf, parts, strict=True))
+        for name, part in pairs:
+            self.check_shape(name, part)
+        return pairs
+
+    def check_copy(self, copy_name: str, read: Callable[[str], torch.Tensor]) -> None:
+        """An MTP copy must equal its source bit for bit: Megatron keeps one shared tensor."""
+        copy, source = read(copy_name), read(self.copies[copy_name])
+        if copy.dtype != source.dtype or not torch.equal(copy, source):
+            raise MappingError(
+                f"{copy_name} differs from {self.copies[copy_name]}; Megatron shares one tensor, "
+                "so converting would lose the difference"
+            )
+
+
+def _preview(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
