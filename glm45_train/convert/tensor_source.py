@@ -1,0 +1,77 @@
+"""Where full (unsharded) Megatron tensors come from, and filling Megatron modules from them.
+
+A tensor source answers `get(mcore_name)` with the full TP=1/EP=1 tensor for a GPTModel state_dict name of
+the local (CPU) layer spec. `HFTensorSource` converts from an HF checkpoint through the mapping table; an mcore
+checkpoint source (convert/mcore_io.py) reads a torch_dist checkpoint. `load_weights` fills any submodule of a
+built model (one layer at a time in the layerwise precision check), honouring the EP rank's expert offset.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Protocol
+
+import torch
+
+from glm45_train.convert.hf_io import HFCheckpointReader
+from glm45_train.convert.mapping import Glm45Mapping, MappingError
+from glm45_train.model.hf_config import Glm45Config
+
+# Buffers that are runtime state, not weights.
+RUNTIME_STATE = ("local_tokens_per_expert", "_extra_state")
+_LOCAL_EXPERT = re.compile(r"(local_experts\.|linear_fc[12]\.weight)(\d+)")
+
+
+class TensorSource(Protocol):
+    hf: Glm45Config
+
+    def get(self, mcore_name: str) -> torch.Tensor: ...
+
+
+class HFTensorSource:
+    """Full mcore tensors converted on demand from an HF checkpoint directory."""
+
+    def __init__(self, hf_dir, spec: str = "local") -> None:
+        self.reader = HFCheckpointReader(hf_dir)
+        self.hf = Glm45Config.from_file(hf_dir)
+        self.mapping = Glm45Mapping(self.hf, spec)  # type: ignore[arg-type]
+        self.mapping.check_hf_names(self.reader.names())
+
+    def get(self, mcore_name: str) -> torch.Tensor:
+        return self.mapping.to_mcore(mcore_name, self.reader.get)
+
+
+def global_expert_name(name: str, ep_rank: int, local_experts: int) -> str:
+    """Local expert index -> global one (global = local + ep_rank * experts per rank)."""
+    if ".mlp.experts." not in name:
+        return name
+    return _LOCAL_EXPERT.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + ep_rank * local_experts}", name, count=1)
+
+
+@torch.no_grad()
+def load_weights(module: torch.nn.Module, source: TensorSource, prefix: str = "") -> int:
+    """Copy every weight of `module` (whose state_dict names start at `prefix` in the full model) from `source`.
+
+    Works for the whole GPTModel (prefix "") or one submodule, e.g. `model.decoder.layers[3]` with prefix
+    "decoder.layers.3.". Needs TP=1; any EP rank. Returns the number of tensors copied.
+    """
+    from megatron.core import parallel_state
+
+    if parallel_state.get_tensor_model_parallel_world_size() != 1:
+        raise ValueError("load_weights needs TP=1; load torch_dist checkpoints for TP > 1")
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    local_experts = source.hf.n_routed_experts // parallel_state.get_expert_model_parallel_world_size()
+    loaded = 0
+    for name, target in module.state_dict(keep_vars=True).items():
+        if name.endswith("local_tokens_per_expert"):
+            target.zero_()
+            continue
+        if name.endswith("_extra_state"):
+            continue
+        full_name = global_expert_name(prefix + name, ep_rank, local_experts)
+        tensor = source.get(full_name)
+        if tensor.shape != target.shape:
+            raise MappingError(f"{full_name}: source shape {tuple(tensor.shape)} != model {tuple(target.shape)}")
+        target.copy_(tensor)
+        loaded += 1
+    return loaded
