@@ -36,9 +36,7 @@ def independent_count(c: dict) -> tuple[int, int]:
     return main, mtp
 
 
-@pytest.mark.parametrize(
-    ("release", "billions"), [(AIR_RELEASE, 106.8), (GLM45_RELEASE, 353.0)], ids=["air", "glm45"]
-)
+@pytest.mark.parametrize(("release", "billions"), [(AIR_RELEASE, 106.8), (GLM45_RELEASE, 353.0)], ids=["air", "glm45"])
 def test_full_size_builds_on_meta_with_the_published_parameter_count(megatron_world, release, billions):
     model = build_model(Glm45Config.from_dict(release), device="meta")
     counts = count_parameters(model)

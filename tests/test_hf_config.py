@@ -42,7 +42,11 @@ AIR_RELEASE = dict(
 def test_v5_rope_parameters_read_like_v4_top_level_keys():
     v4 = Glm45Config.from_dict(AIR_RELEASE)
     v5_raw = {k: v for k, v in AIR_RELEASE.items() if k not in ("rope_theta", "partial_rotary_factor")}
-    v5_raw["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0, "partial_rotary_factor": 0.5}
+    v5_raw["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 1000000.0,
+        "partial_rotary_factor": 0.5,
+    }
     assert Glm45Config.from_dict(v5_raw) == v4
     assert v4.partial_rotary_factor == 0.5 and v4.rope_theta == 1e6
 

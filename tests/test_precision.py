@@ -69,7 +69,9 @@ def test_bf16_check_uses_bf16_thresholds(megatron_world, tiny_glm45):
 
 
 @pytest.mark.parametrize(
-    "plant", [_zero_expert_bias, _plain_qkv, _swap_gate_up], ids=["bias-zeroed", "qkv-plain", "gate-up-swapped"]
+    "plant",
+    [_zero_expert_bias, _plain_qkv, _swap_gate_up],
+    ids=["bias-zeroed", "qkv-plain", "gate-up-swapped"],
 )
 def test_planted_errors_fail_the_check(megatron_world, tiny_glm45, plant):
     report = check(tiny_glm45, PlantedSource(tiny_glm45, plant), layerwise=True)
@@ -86,7 +88,7 @@ def test_wrong_rotary_fraction_fails(megatron_world, tiny_glm45):
 
 
 def test_dropped_mtp_tensor_is_named(megatron_world, tiny_air):
-    with pytest.raises(MappingError, match="mtp.layers.0.eh_proj.weight"):
+    with pytest.raises(MappingError, match=r"mtp\.layers\.0\.eh_proj\.weight"):
         check(tiny_air, PlantedSource(tiny_air, _drop_mtp_tensor), layerwise=True)
 
 

@@ -42,9 +42,8 @@ def test_rng_tracker_forks_named_streams_reproducibly(megatron_world):
     with tracker.fork():
         again = torch.rand(4)
     assert torch.equal(first, again)  # restoring the states replays the stream (exact resume)
-    with pytest.raises(RuntimeError, match="not added"):
-        with tracker.fork("no-such-stream"):
-            pass
+    with pytest.raises(RuntimeError, match="not added"), tracker.fork("no-such-stream"):
+        pass
 
 
 def test_missing_te_symbol_is_defined():

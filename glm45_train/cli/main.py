@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from glm45_train import __version__
-from glm45_train.cli import make_tiny
+from glm45_train.cli import check, make_tiny
 from glm45_train.errors import UserError
 
-COMMANDS = (make_tiny,)
+COMMANDS = (make_tiny, check)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +26,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_third_party_noise() -> None:
+    """Known, harmless messages that would bury ours: Megatron's Apex fallbacks and transformers' load
+    report listing the MTP layer it does not use (we convert and check that layer ourselves)."""
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed.*")
+    warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_third_party_noise()
     try:
         return int(args.func(args) or 0)
     except (UserError, FileExistsError, FileNotFoundError) as err:

@@ -60,6 +60,28 @@ class HFCheckpointReader:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
+    def tensor_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Shape and dtype of every tensor, reading each shard's header once (no tensor data).
+
+        Opening a shard also validates it: safetensors refuses a truncated file. A tensor the index lists
+        but its shard lacks is an error naming both.
+        """
+        by_file: dict[str, list[str]] = {}
+        for name, filename in self.weight_map.items():
+            by_file.setdefault(filename, []).append(name)
+        specs: dict[str, tuple[tuple[int, ...], str]] = {}
+        for filename, names in sorted(by_file.items()):
+            with self._open(filename) as handle:
+                stored = set(handle.keys())
+                for name in names:
+                    if name not in stored:
+                        raise CheckpointError(
+                            f"{self.directory / filename}: lacks tensor {name} listed in {INDEX_NAME}"
+                        )
+                    sl = handle.get_slice(name)
+                    specs[name] = (tuple(sl.get_shape()), sl.get_dtype())
+        return specs
+
     def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
         with self._open(self.weight_map[name]) as handle:
             sl = handle.get_slice(name)

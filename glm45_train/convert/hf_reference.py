@@ -33,6 +33,7 @@ def decoder_layer(config, reader: HFCheckpointReader, index: int, dtype: torch.d
     from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeDecoderLayer
 
     config._attn_implementation = "eager"
+    config._experts_implementation = "eager"  # standalone layer: no model-level dispatch sets it
     with torch.device("meta"):
         layer = Glm4MoeDecoderLayer(config, layer_idx=index)
     layer.to_empty(device="cpu")
@@ -42,13 +43,18 @@ def decoder_layer(config, reader: HFCheckpointReader, index: int, dtype: torch.d
         if name == "mlp.experts.gate_up_proj":
             state[name] = torch.stack(
                 [
-                    torch.cat([_param(reader, f"{prefix}mlp.experts.{e}.{p}_proj.weight", dtype) for p in ("gate", "up")])
+                    torch.cat(
+                        [_param(reader, f"{prefix}mlp.experts.{e}.{p}_proj.weight", dtype) for p in ("gate", "up")]
+                    )
                     for e in range(config.n_routed_experts)
                 ]
             )
         elif name == "mlp.experts.down_proj":
             state[name] = torch.stack(
-                [_param(reader, f"{prefix}mlp.experts.{e}.down_proj.weight", dtype) for e in range(config.n_routed_experts)]
+                [
+                    _param(reader, f"{prefix}mlp.experts.{e}.down_proj.weight", dtype)
+                    for e in range(config.n_routed_experts)
+                ]
             )
         else:
             state[name] = _param(reader, prefix + name, dtype)
@@ -87,7 +93,11 @@ def run_layer(layer, hidden: torch.Tensor, config) -> torch.Tensor:
 
 @torch.no_grad()
 def mtp_logits(
-    config, reader: HFCheckpointReader, input_ids: torch.Tensor, final_hidden: torch.Tensor, dtype: torch.dtype
+    config,
+    reader: HFCheckpointReader,
+    input_ids: torch.Tensor,
+    final_hidden: torch.Tensor,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """The MTP layer's logits by the released formula (next tokens rolled left, as Megatron does)."""
     index = config.num_hidden_layers
@@ -96,8 +106,10 @@ def mtp_logits(
     shifted = torch.roll(input_ids, shifts=-1, dims=-1)
     embedded = F.embedding(shifted, _param(reader, p + "embed_tokens.weight", dtype))
     joined = torch.cat(
-        [rms_norm(embedded, _param(reader, p + "enorm.weight", dtype), eps),
-         rms_norm(final_hidden.to(dtype), _param(reader, p + "hnorm.weight", dtype), eps)],
+        [
+            rms_norm(embedded, _param(reader, p + "enorm.weight", dtype), eps),
+            rms_norm(final_hidden.to(dtype), _param(reader, p + "hnorm.weight", dtype), eps),
+        ],
         dim=-1,
     )
     hidden = F.linear(joined, _param(reader, p + "eh_proj.weight", dtype))

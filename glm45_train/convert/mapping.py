@@ -130,9 +130,7 @@ class Glm45Mapping:
     def check_shape(self, hf_name: str, tensor: torch.Tensor) -> None:
         expected = self._shapes.get(hf_name)
         if expected is not None and tuple(tensor.shape) != expected:
-            raise MappingError(
-                f"tensor {hf_name} has shape {tuple(tensor.shape)}, but config.json implies {expected}"
-            )
+            raise MappingError(f"tensor {hf_name} has shape {tuple(tensor.shape)}, but config.json implies {expected}")
 
     # -- conversion ------------------------------------------------------------------------------------------
 
@@ -146,7 +144,8 @@ class Glm45Mapping:
             self.check_shape(name, tensor)
             parts.append(tensor)
         if rule.transform == "qkv":
-            return transforms.qkv_merge(*parts, num_query_groups=self.hf.num_key_value_heads)
+            q, k, v = parts
+            return transforms.qkv_merge(q, k, v, num_query_groups=self.hf.num_key_value_heads)
         if rule.transform == "gate_up":
             return transforms.gate_up_merge(*parts)
         return parts[0]
@@ -157,7 +156,9 @@ class Glm45Mapping:
             raise MappingError(f"mcore tensor {mcore_name} has no HF counterpart in the glm4_moe table")
         if rule.transform == "qkv":
             hf = self.hf
-            parts = transforms.qkv_split(tensor, hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim)
+            parts: tuple[torch.Tensor, ...] = transforms.qkv_split(
+                tensor, hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim
+            )
         elif rule.transform == "gate_up":
             parts = transforms.gate_up_split(tensor)
         else:

@@ -82,7 +82,11 @@ class PrecisionReport:
             if t.logits_mean is not None and diff.mean_abs > t.logits_mean:
                 out.append(f"{diff.name}: mean |diff| {diff.mean_abs:.3g} > {t.logits_mean:g}")
         if t.layer_max is not None:
-            out += [f"{d.name}: max |diff| {d.max_abs:.3g} > {t.layer_max:g}" for d in self.layers if d.max_abs > t.layer_max]
+            out += [
+                f"{d.name}: max |diff| {d.max_abs:.3g} > {t.layer_max:g}"
+                for d in self.layers
+                if d.max_abs > t.layer_max
+            ]
         if self.argmax_agreement < t.argmax_min:
             out.append(f"argmax agreement {self.argmax_agreement:.4f} < {t.argmax_min:g}")
         return out
@@ -154,7 +158,9 @@ def _compare_full(hf_dir: Path, source: TensorSource, ids: torch.Tensor, dtype: 
     torch_dtype = DTYPES[dtype]
     reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype, attn_implementation="eager").eval()
     ref_hidden: list[torch.Tensor] = []
-    hooks = [layer.register_forward_hook(lambda _m, _i, out: ref_hidden.append(out)) for layer in reference.model.layers]
+    hooks = [
+        layer.register_forward_hook(lambda _m, _i, out: ref_hidden.append(out)) for layer in reference.model.layers
+    ]
     ref_out = reference(ids, output_hidden_states=True)
     for hook in hooks:
         hook.remove()
@@ -228,7 +234,10 @@ def _compare_layerwise(hf_dir: Path, source: TensorSource, ids: torch.Tensor, dt
     eps = config.rms_norm_eps
     final_hidden = hf_reference.rms_norm(hidden, reader.get("model.norm.weight").to(torch_dtype), eps)
     ref_logits = F.linear(final_hidden, reader.get("lm_head.weight").to(torch_dtype))
-    for part, prefix in ((model.decoder.final_layernorm, "decoder.final_layernorm."), (model.output_layer, "output_layer.")):
+    for part, prefix in (
+        (model.decoder.final_layernorm, "decoder.final_layernorm."),
+        (model.output_layer, "output_layer."),
+    ):
         part.to_empty(device="cpu")
         load_weights(part, source, prefix=prefix)
     ours_logits, _ = model.output_layer(model.decoder.final_layernorm(_seq_first(hidden)))
@@ -240,7 +249,9 @@ def _compare_layerwise(hf_dir: Path, source: TensorSource, ids: torch.Tensor, dt
         logits=Diff.of("logits", ours_logits, ref_logits),
         argmax_agreement=(ours_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item(),
         layers=layers,
-        mtp=_mtp_diff_layerwise(hf_dir, model, source, ids, final_hidden, torch_dtype) if model.config.mtp_num_layers else None,
+        mtp=_mtp_diff_layerwise(hf_dir, model, source, ids, final_hidden, torch_dtype)
+        if model.config.mtp_num_layers
+        else None,
     )
 
 
@@ -260,5 +271,7 @@ def _mtp_diff_layerwise(hf_dir, model, source, ids, final_hidden, dtype) -> Diff
         embedding=model.embedding,
     )
     ours_logits, _ = model.output_layer(_first(hidden))
-    reference = hf_reference.mtp_logits(hf_reference.hf_model_config(hf_dir), HFTensorSource(hf_dir).reader, ids, final_hidden, dtype)
+    reference = hf_reference.mtp_logits(
+        hf_reference.hf_model_config(hf_dir), HFTensorSource(hf_dir).reader, ids, final_hidden, dtype
+    )
     return _mtp_logits_diff(_seq_first(ours_logits), reference)

@@ -75,3 +75,15 @@ def load_weights(module: torch.nn.Module, source: TensorSource, prefix: str = ""
         target.copy_(tensor)
         loaded += 1
     return loaded
+
+
+def open_source(path) -> TensorSource:
+    """An HF checkpoint directory or a Megatron checkpoint directory, as a tensor source."""
+    from pathlib import Path
+
+    path = Path(path)
+    if (path / "model.safetensors.index.json").exists() or (path / "model.safetensors").exists():
+        return HFTensorSource(path)
+    from glm45_train.convert.mcore_io import McoreTensorSource
+
+    return McoreTensorSource(path)

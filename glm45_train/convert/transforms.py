@@ -20,7 +20,9 @@ import torch
 def qkv_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_query_groups: int) -> torch.Tensor:
     ng = num_query_groups
     if k.shape != v.shape or q.shape[0] % ng or k.shape[0] % ng or q.shape[1:] != k.shape[1:]:
-        raise ValueError(f"qkv shapes do not form {ng} groups: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(
+            f"qkv shapes do not form {ng} groups: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     rest = q.shape[1:]
     grouped = [t.reshape(ng, t.shape[0] // ng, *rest) for t in (q, k, v)]
     return torch.cat(grouped, dim=1).reshape(-1, *rest)

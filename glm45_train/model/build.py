@@ -57,7 +57,7 @@ def build_model(
     cpu.apply()
     meta = device is not None and torch.device(device).type == "meta"
     if config is None:
-        config = to_transformer_config(hf, **({"perform_initialization": False} if meta else {}))
+        config = to_transformer_config(hf, perform_initialization=not meta)
     elif meta:
         config.perform_initialization = False
     use_te = transformer_engine_usable() if use_te is None else use_te
@@ -74,7 +74,7 @@ def build_model(
             share_embeddings_and_output_weights=hf.tie_word_embeddings,
             position_embedding_type="rope",
             rotary_percent=hf.partial_rotary_factor,
-            rotary_base=hf.rope_theta,  # type: ignore[arg-type]  # annotated int, used as a float
+            rotary_base=hf.rope_theta,
             mtp_block_spec=mtp_spec,
         )
     return model

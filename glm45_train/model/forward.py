@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 
 @contextlib.contextmanager
-def without_mtp(model: torch.nn.Module) -> Iterator[None]:
+def without_mtp(model: Any) -> Iterator[None]:
     """Run the main model only: megatron-core 0.16.1 cannot return logits with MTP built and no labels."""
     saved = model.mtp_process, model.config.mtp_num_layers
     model.mtp_process, model.config.mtp_num_layers = False, None

@@ -81,7 +81,9 @@ class Glm45Config:
         missing = [name for name, f in fields.items() if name not in values and f.default is dataclasses.MISSING]
         if missing:
             raise ConfigError(f"{source}: missing required key(s) {', '.join(missing)}")
-        config = cls(**{name: _coerce(values[name], f.type, name, source) for name, f in fields.items() if name in values})
+        config = cls(
+            **{name: _coerce(values[name], f.type, name, source) for name, f in fields.items() if name in values}
+        )
         config.check_supported(source)
         return config
 

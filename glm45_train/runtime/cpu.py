@@ -58,14 +58,14 @@ def _answer_cpu_for_current_device() -> None:
 
 
 def _make_synchronize_noop() -> None:
-    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None
 
 
 def _define_missing_te_gemm() -> None:
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None  # type: ignore[attr-defined]
+        moe_utils.te_general_gemm = None
 
 
 def _build_default_causal_mask_on_cpu() -> None:
@@ -75,7 +75,7 @@ def _build_default_causal_mask_on_cpu() -> None:
     def causal_mask(sq: int) -> torch.Tensor:
         return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
-    fused_softmax.get_default_causal_mask = causal_mask  # type: ignore[assignment]
+    fused_softmax.get_default_causal_mask = causal_mask
 
 
 class CpuRNGStatesTracker:
