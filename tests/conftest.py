@@ -41,3 +41,35 @@ def megatron_world():
     distributed.initialize()
     yield
     distributed.shutdown()
+
+
+# --- data fixtures (owned by the data side: tokenizer, renderer, prepare) ---
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """The tiny GLM-4.5 tokenizer (tokenizer.json, tokenizer_config.json, chat_template.jinja)."""
+    from glm45_train.model.tokenizer import write_tokenizer
+
+    directory = tmp_path_factory.mktemp("tokenizer")
+    write_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(tiny_tokenizer_dir):
+    """transformers' view of the tiny tokenizer: the reference for apply_chat_template comparisons."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(tiny_tokenizer_dir):
+    """The fast tokenizer our renderer uses."""
+    from glm45_train.data.chat import load_chat_tokenizer
+
+    return load_chat_tokenizer(tiny_tokenizer_dir)
+
+
+# --- end of data fixtures ---

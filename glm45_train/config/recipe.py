@@ -170,9 +170,9 @@ def _closest_key(full_key: str) -> str | None:
     section: Any = Recipe
     for name in parents:
         fields = {f.name: f for f in dataclasses.fields(section)}
-        if name not in fields or not dataclasses.is_dataclass(fields[name].default_factory):  # type: ignore[arg-type]
+        if name not in fields or not dataclasses.is_dataclass(fields[name].default_factory):
             return None
-        section = fields[name].default_factory  # type: ignore[assignment]
+        section = fields[name].default_factory
     names = [f.name for f in dataclasses.fields(section)]
     if leaf in names:
         return None
