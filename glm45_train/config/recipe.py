@@ -228,10 +228,12 @@ def validate_layout(recipe: Recipe, world_size: int, hf: Any) -> int:
     def fail(key: str, why: str) -> None:
         raise RecipeError(f"key '{key}': {why}")
 
+    if world_size % (p.tp * p.pp * p.cp):
+        fail("parallel.tp", f"world size {world_size} is not divisible by tp*pp*cp = {p.tp}*{p.pp}*{p.cp}")
     try:
         dp = p.layout().data_parallel_size(world_size)
-    except ValueError as err:
-        raise RecipeError(f"key 'parallel': {err}") from None
+    except ValueError as err:  # ep*etp must divide the ranks of a pipeline stage
+        raise RecipeError(f"key 'parallel.ep': {err}") from None
     if hf.n_routed_experts % p.ep:
         fail("parallel.ep", f"{hf.n_routed_experts} experts are not divisible by ep = {p.ep}")
     if hf.num_attention_heads % p.tp:

@@ -17,6 +17,14 @@ Adaptations (symptom -> cause -> fix):
 5. "Torch not compiled with CUDA enabled" in attention when no mask is passed: the unfused softmax builds its
    default causal mask with `device="cuda"`. -> the same mask built on the CPU.
 
+6. Megatron's DDP, optimizers, grad clipping, grad scaler and schedules create helper tensors with
+   `device="cuda"` / `.cuda()` and assert `param.type() == "torch.cuda.FloatTensor"`. -> `on_cpu_device()`, a
+   TorchFunctionMode the trainer enters around DDP/optimizer construction and the optimizer step (not around
+   forward/backward: a Python mode on every op costs 8x there), places those tensors on the CPU and answers
+   the type query with the CUDA name for CPU float tensors.
+7. The schedules (token counter) and the MoE aux-loss tracker allocate with `device="cuda"` inside the
+   forward/backward pass. -> those two modules see a `torch` whose factory functions place on the CPU.
+
 Not patched, chosen by configuration instead (see model/hf_config.py): the `allgather` token dispatcher (the
 `alltoall` one creates a CUDA stream at build time), no fused kernels, local (non-TE) layer specs.
 """
@@ -25,9 +33,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import types
 from collections.abc import Iterator
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 _APPLIED = False
 
@@ -49,6 +59,7 @@ def apply() -> bool:
     _define_missing_te_gemm()
     _make_synchronize_noop()
     _build_default_causal_mask_on_cpu()
+    _place_factories_on_cpu_in_step_modules()
     _APPLIED = True
     return True
 
@@ -76,6 +87,70 @@ def _build_default_causal_mask_on_cpu() -> None:
         return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
     fused_softmax.get_default_causal_mask = causal_mask
+
+
+class _CudaCallsOnCpu(TorchFunctionMode):
+    """Rewrites CUDA placement requests inside Megatron's training machinery to the CPU (see row 6)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if name in _CPU_FLOAT_TYPES else name
+        device = kwargs.get("device")
+        if device is not None and _is_cuda(device):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.to and args[1:] and _is_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+_CPU_FLOAT_TYPES = ("torch.FloatTensor", "torch.BFloat16Tensor", "torch.HalfTensor")
+
+
+def _is_cuda(device: object) -> bool:
+    if isinstance(device, int) and not isinstance(device, bool):
+        return True  # a bare index means a CUDA device to Megatron
+    return (isinstance(device, str) and device.startswith("cuda")) or (
+        isinstance(device, torch.device) and device.type == "cuda"
+    )
+
+
+_FACTORIES = frozenset({"tensor", "zeros", "ones", "empty", "full", "arange"})
+_STEP_MODULES = ("megatron.core.pipeline_parallel.schedules", "megatron.core.transformer.moe.moe_utils")
+
+
+class _TorchWithCpuFactories(types.ModuleType):
+    """`torch` as seen by one Megatron module: factory calls asking for CUDA get the CPU."""
+
+    def __getattr__(self, name: str) -> object:
+        value = getattr(torch, name)
+        if name not in _FACTORIES:
+            return value
+
+        @functools.wraps(value)
+        def on_cpu(*args: object, **kwargs: object) -> object:
+            if _is_cuda(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+            return value(*args, **kwargs)
+
+        return on_cpu
+
+
+def _place_factories_on_cpu_in_step_modules() -> None:
+    import importlib
+
+    for module_name in _STEP_MODULES:
+        importlib.import_module(module_name).torch = _TorchWithCpuFactories("torch")  # type: ignore[attr-defined]
+
+
+def on_cpu_device() -> contextlib.AbstractContextManager[object]:
+    """Context for running Megatron's training machinery (DDP, optimizer, schedules) on CPU; no-op with CUDA."""
+    if cuda_available():
+        return contextlib.nullcontext()
+    return _CudaCallsOnCpu()
 
 
 class CpuRNGStatesTracker:

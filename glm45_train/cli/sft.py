@@ -1,0 +1,39 @@
+"""`glm45-train sft RECIPE.yaml [key=value ...] [--print-config]`: LoRA or full SFT.
+
+Runs directly for one process or under torchrun for several; every rank runs this same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("sft", help="LoRA or full supervised fine-tuning from a recipe")
+    parser.add_argument("recipe", metavar="RECIPE.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.lr=2e-4")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from glm45_train.config.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.print_config:
+        print(OmegaConf.to_yaml(OmegaConf.structured(recipe)), end="")
+        return 0
+    from glm45_train.config.recipe import validate_layout
+    from glm45_train.train.inputs import ensure_prepared
+    from glm45_train.train.loop import run_sft
+    from glm45_train.train.setup import model_config_of, world_size_from_env
+
+    validate_layout(recipe, world_size_from_env(), model_config_of(recipe.model.source))  # before any work
+
+    result = run_sft(ensure_prepared(recipe))
+    how = "stopped by signal, checkpointed" if result.stopped_by_signal else "finished"
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+    print(f"sft {how} at step {result.steps}; last loss {loss}; run directory {result.run_dir}")
+    return 0

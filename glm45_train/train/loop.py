@@ -1,0 +1,165 @@
+"""`run_sft(recipe)`: the training loop on Megatron-Core's schedules (gradient accumulation, pipeline).
+
+One step = one global batch: this rank's micro-batches go through `get_forward_backward_func()`, the loss is
+the mean over every trained token of the global batch (calculate_per_token_loss), then the optimizer and the
+LR scheduler step. Checkpoints every `checkpoint.interval` steps, at the end, and when SIGTERM/SIGUSR1 arrives
+(then the run exits cleanly, to be resumed — by Slurm's requeue or by hand — from that step).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from glm45_train.config.recipe import Recipe
+from glm45_train.data.prepared import Batch, load_prepared
+from glm45_train.train import checkpoint
+from glm45_train.train.batches import BatchPlan, Collation, DataPosition, eval_batches, micro_batches
+from glm45_train.train.metrics import MetricsLog, plot_loss
+from glm45_train.train.setup import Trainer, build_trainer
+
+
+@dataclass
+class RunResult:
+    steps: int
+    final_loss: float | None
+    stopped_by_signal: bool
+    run_dir: Path
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Sum of per-token losses and the trained-token count; Megatron divides by the global count."""
+    loss_sum = (output.float() * loss_mask).sum()
+    num_tokens = loss_mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach().clone(), num_tokens.float()])}
+
+
+def _forward_step(data_iterator, model):
+    batch: Batch = next(data_iterator)
+    output = model(
+        batch.tokens,
+        batch.position_ids,
+        batch.attention_mask,
+        labels=batch.labels,
+        loss_mask=batch.loss_mask,
+    )
+    return output, functools.partial(_loss_func, batch.loss_mask)
+
+
+def _run_batches(trainer: Trainer, batches: list[Batch], forward_only: bool) -> tuple[float, float]:
+    """(loss sum, trained tokens) over this data-parallel group for the given micro-batches."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    outputs = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=iter(batches),
+        model=[trainer.model],
+        num_microbatches=len(batches),
+        seq_length=batches[0].tokens.shape[1],
+        micro_batch_size=batches[0].tokens.shape[0],
+        forward_only=forward_only,
+    )
+    totals = torch.zeros(2)
+    for record in outputs:  # only the last pipeline stage has losses
+        totals += record["lm loss"].float().cpu()
+    if torch.cuda.is_available():
+        totals = totals.cuda()
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    return float(totals[0]), float(totals[1])
+
+
+def train_step(trainer: Trainer, batches: list[Batch]) -> dict[str, float]:
+    started = time.perf_counter()
+    trainer.model.zero_grad_buffer()
+    trainer.optimizer.zero_grad()
+    loss_sum, tokens = _run_batches(trainer, batches, forward_only=False)
+    lr = trainer.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
+    with trainer.cpu_context():
+        _updated, grad_norm, _zeros = trainer.optimizer.step()
+    trainer.scheduler.step(increment=1)
+    seconds = time.perf_counter() - started
+    all_tokens = sum(b.tokens.numel() for b in batches) * trainer.dp_size  # positions processed, padding included
+    return {
+        "loss": loss_sum / max(tokens, 1.0),
+        "lr": lr,
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "trained_tokens": tokens,
+        "tokens_per_s": all_tokens / seconds,
+        "step_seconds": seconds,
+    }
+
+
+def evaluate(trainer: Trainer, plan: BatchPlan, collation: Collation) -> float | None:
+    batches = list(eval_batches(plan, trainer.dp_rank, trainer.dp_size, collation))
+    if not batches:
+        return None
+    trainer.model.eval()
+    with torch.no_grad():
+        loss_sum, tokens = _run_batches(trainer, batches, forward_only=True)
+    trainer.model.train()
+    return loss_sum / max(tokens, 1.0)
+
+
+def _collation(recipe: Recipe, max_length: int) -> Collation:
+    p = recipe.parallel
+    return Collation(
+        micro_batch_size=recipe.train.micro_batch_size,
+        row_length=max_length if p.pp > 1 else None,  # pipeline stages exchange fixed shapes
+        multiple=p.tp * p.cp * 2 if p.sp or p.cp > 1 else 1,
+        with_attention_mask=not torch.cuda.is_available(),  # CPU attention needs the block-diagonal mask
+    )
+
+
+def run_sft(recipe: Recipe) -> RunResult:
+    dataset = load_prepared(recipe.data.prepared)  # type: ignore[arg-type]  # raw inputs are prepared by the CLI
+    train = recipe.train
+    plan = BatchPlan(
+        dataset, seed=train.seed, eval_fraction=recipe.eval.split, global_batch_size=train.global_batch_size
+    )
+    trainer = build_trainer(recipe, lambda _dp: train.steps or (train.epochs or 1) * plan.steps_per_epoch)
+    collation = _collation(recipe, int(dataset.metadata["max_length"]))
+    run_dir = Path(recipe.checkpoint.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    step, position = 0, DataPosition()
+    resume_from = checkpoint.latest_step(run_dir)
+    if resume_from is not None:
+        step, position = checkpoint.load(trainer, run_dir, resume_from)
+    is_first = dist.get_rank() == 0
+    metrics = MetricsLog(run_dir, trainer.total_steps, step, is_first, recipe.logging.tensorboard)
+    signals = checkpoint.StopSignals()
+    last: dict[str, float] = {}
+    stopped = False
+    try:
+        while step < trainer.total_steps:
+            rows, position = plan.global_batch(position)
+            batches = micro_batches(plan, rows, trainer.dp_rank, trainer.dp_size, collation)
+            last = train_step(trainer, batches)
+            step += 1
+            record: dict[str, Any] = {"step": step, "epoch": position.epoch, **last}
+            if recipe.eval.interval and step % recipe.eval.interval == 0:
+                eval_loss = evaluate(trainer, plan, collation)
+                if eval_loss is not None:
+                    record["eval_loss"] = eval_loss
+            if step % recipe.logging.interval == 0 or step == trainer.total_steps:
+                metrics.log(record)
+            metrics.advance()
+            stopped = signals.any_rank_received()
+            if stopped or step % recipe.checkpoint.interval == 0 or step == trainer.total_steps:
+                checkpoint.save(trainer, run_dir, step, position)
+            if stopped:
+                break
+    finally:
+        signals.restore()
+        metrics.close()
+    if is_first and recipe.logging.plot and metrics.path.exists():
+        plot_loss(metrics.path, run_dir / "loss.png")
+    return RunResult(step, last.get("loss"), stopped, run_dir)

@@ -1,0 +1,95 @@
+"""`glm45-train sft` on the tiny model over 2 processes (EP 2): the loss falls, a SIGKILLed run resumes exactly,
+and bad recipes fail before any process group starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from glm45_train.cli.main import main
+from tests.conftest import REPO_ROOT
+
+STEPS = ["train.steps=8", "checkpoint.interval=4", "eval.interval=4"]
+
+
+def sft_command(recipe: str, hf_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        "-m", "glm45_train.cli.main", "sft", str(REPO_ROOT / "recipes" / recipe),
+        f"model.source={hf_dir}", f"checkpoint.dir={run_dir}",
+        f"data.inputs=[{REPO_ROOT / 'data/sample_distill.jsonl'}]", *STEPS, *extra,
+    ]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+
+
+def run_sft(recipe: str, hf_dir: Path, run_dir: Path) -> list[dict]:
+    result = subprocess.run(
+        sft_command(recipe, hf_dir, run_dir), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_air, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sft") / "run"
+    return run_dir, run_sft("tiny_sft.yaml", tiny_air, run_dir)
+
+
+@pytest.mark.slow
+def test_full_sft_loss_falls_and_run_dir_is_complete(uninterrupted):
+    run_dir, metrics = uninterrupted
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.5
+    assert all(m["grad_norm"] > 0 and m["tokens_per_s"] > 0 for m in metrics)
+    assert "eval_loss" in metrics[3] and "eval_loss" in metrics[7]
+    assert (run_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
+    assert sorted(p.name for p in run_dir.glob("iter_*")) == ["iter_0000004", "iter_0000008"]
+    assert (run_dir / "loss.png").stat().st_size > 1000
+    assert any((run_dir / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_the_loss_sequence(tiny_air, tmp_path, uninterrupted):
+    _, expected = uninterrupted
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        sft_command("tiny_sft.yaml", tiny_air, run_dir), cwd=REPO_ROOT, env=_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    pointer = run_dir / "latest_checkpointed_iteration.txt"
+    deadline = time.monotonic() + 300
+    while not (pointer.exists() and pointer.read_text().strip() == "4"):
+        assert process.poll() is None and time.monotonic() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    resumed = run_sft("tiny_sft.yaml", tiny_air, run_dir)
+    assert [m["step"] for m in resumed] == list(range(1, 9))
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in expected]  # bit-exact, not approximately
+    assert [m["grad_norm"] for m in resumed] == [m["grad_norm"] for m in expected]
+
+
+def test_print_config_resolves_overrides(capsys):
+    assert main(["sft", str(REPO_ROOT / "recipes/tiny_sft.yaml"), "train.lr=3e-4", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.0003" in out and "ep: 2" in out
+
+
+def test_impossible_layout_fails_before_any_process_group(tiny_air, capsys):
+    code = main(["sft", str(REPO_ROOT / "recipes/tiny_sft.yaml"), f"model.source={tiny_air}", "parallel.ep=3"])
+    assert code == 2
+    assert "parallel.ep" in capsys.readouterr().err
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
