@@ -61,7 +61,8 @@ def load_for_chat(model_dir: str | Path, adapter: str | Path | None = None, dtyp
 
     torch_dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+    model = model.to(device).eval()
     if adapter is not None:
         from peft import PeftModel
 
