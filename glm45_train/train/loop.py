@@ -31,6 +31,8 @@ class RunResult:
     final_loss: float | None
     stopped_by_signal: bool
     run_dir: Path
+    train_seconds: float = 0.0  # wall time of the step loop, checkpoint writes excluded
+    tokens: int = 0  # token positions processed by all ranks in those steps
 
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -40,16 +42,45 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach().clone(), num_tokens.float()])}
 
 
-def _forward_step(data_iterator, model):
+def forward_step(data_iterator, model):
     batch: Batch = next(data_iterator)
+    if torch.cuda.is_available():
+        batch, packed = _as_thd(batch)
+    else:
+        packed = None  # CPU attention isolates packed samples with the block-diagonal mask instead
     output = model(
         batch.tokens,
         batch.position_ids,
         batch.attention_mask,
         labels=batch.labels,
         loss_mask=batch.loss_mask,
+        packed_seq_params=packed,
     )
     return output, functools.partial(_loss_func, batch.loss_mask)
+
+
+def _as_thd(batch: Batch) -> tuple[Batch, Any]:
+    """GPU path: rows end to end as one [1, b*s] sequence with cu_seqlens, so Transformer Engine's attention keeps
+    packed samples apart (THD format), on the current CUDA device."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(1, -1).cuda(non_blocking=True)
+
+    cu = batch.cu_seqlens.to(torch.int32).cuda(non_blocking=True)
+    longest = int((batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).max())
+    packed = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
+    )
+    flat_batch = Batch(
+        tokens=flat(batch.tokens),
+        labels=flat(batch.labels),
+        loss_mask=flat(batch.loss_mask),
+        position_ids=flat(batch.position_ids),
+        cu_seqlens=cu,
+        attention_mask=None,
+    )
+    return flat_batch, packed
 
 
 def _run_batches(trainer: Trainer, batches: list[Batch], forward_only: bool) -> tuple[float, float]:
@@ -58,7 +89,7 @@ def _run_batches(trainer: Trainer, batches: list[Batch], forward_only: bool) -> 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     outputs = get_forward_backward_func()(
-        forward_step_func=_forward_step,
+        forward_step_func=forward_step,
         data_iterator=iter(batches),
         model=[trainer.model],
         num_microbatches=len(batches),
@@ -93,6 +124,7 @@ def train_step(trainer: Trainer, batches: list[Batch]) -> dict[str, float]:
         "lr": lr,
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "trained_tokens": tokens,
+        "tokens": all_tokens,
         "tokens_per_s": all_tokens / seconds,
         "step_seconds": seconds,
     }
@@ -109,7 +141,7 @@ def evaluate(trainer: Trainer, plan: BatchPlan, collation: Collation) -> float |
     return loss_sum / max(tokens, 1.0)
 
 
-def _collation(recipe: Recipe, max_length: int) -> Collation:
+def collation_for(recipe: Recipe, max_length: int) -> Collation:
     p = recipe.parallel
     return Collation(
         micro_batch_size=recipe.train.micro_batch_size,
@@ -126,7 +158,7 @@ def run_sft(recipe: Recipe) -> RunResult:
         dataset, seed=train.seed, eval_fraction=recipe.eval.split, global_batch_size=train.global_batch_size
     )
     trainer = build_trainer(recipe, lambda _dp: train.steps or (train.epochs or 1) * plan.steps_per_epoch)
-    collation = _collation(recipe, int(dataset.metadata["max_length"]))
+    collation = collation_for(recipe, int(dataset.metadata["max_length"]))
     run_dir = Path(recipe.checkpoint.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     step, position = 0, DataPosition()
@@ -138,11 +170,13 @@ def run_sft(recipe: Recipe) -> RunResult:
     signals = checkpoint.StopSignals()
     last: dict[str, float] = {}
     stopped = False
+    loop_started, tokens = time.perf_counter(), 0
     try:
         while step < trainer.total_steps:
             rows, position = plan.global_batch(position)
             batches = micro_batches(plan, rows, trainer.dp_rank, trainer.dp_size, collation)
             last = train_step(trainer, batches)
+            tokens += int(last["tokens"])
             step += 1
             record: dict[str, Any] = {"step": step, "epoch": position.epoch, **last}
             if recipe.eval.interval and step % recipe.eval.interval == 0:
@@ -154,12 +188,15 @@ def run_sft(recipe: Recipe) -> RunResult:
             metrics.advance()
             stopped = signals.any_rank_received()
             if stopped or step % recipe.checkpoint.interval == 0 or step == trainer.total_steps:
+                save_started = time.perf_counter()
                 checkpoint.save(trainer, run_dir, step, position)
+                loop_started += time.perf_counter() - save_started
             if stopped:
                 break
     finally:
         signals.restore()
         metrics.close()
+    train_seconds = time.perf_counter() - loop_started
     if is_first and recipe.logging.plot and metrics.path.exists():
         plot_loss(metrics.path, run_dir / "loss.png")
-    return RunResult(step, last.get("loss"), stopped, run_dir)
+    return RunResult(step, last.get("loss"), stopped, run_dir, train_seconds, tokens)
