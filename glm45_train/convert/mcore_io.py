@@ -1,0 +1,294 @@
+"""HF <-> Megatron torch_dist checkpoints, streaming both ways, and loading a checkpoint into any built model.
+
+    hf_to_mcore(hf_dir, out_dir, layout=ParallelLayout(tp=2), dtype="bf16")   HF -> Megatron-LM layout, TE-style keys
+    mcore_to_hf(mcore_dir, out_dir)            Megatron -> HF shards + index + config + generation config + tokenizer
+    load_mcore(model, mcore_dir)               any layout, local or TE spec, via dist_checkpointing.load
+
+`hf_to_mcore` validates the whole source first (index, shard headers, names, shapes, MTP copies) so bad input fails
+before anything is written. It runs in one process or under torchrun at the requested layout: each rank builds its
+part of the model on `meta` and writes only its own shards (lazy_save.py); rank 0 adds the metadata and publishes
+the directory. Both directions write under a temporary name and rename at the end (mcore_dir.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from glm45_train import __version__
+from glm45_train.config.layout import ParallelLayout
+from glm45_train.convert.hf_io import HFCheckpointWriter
+from glm45_train.convert.lazy_save import ChunkSource, LazyTorchDistSaveStrategy
+from glm45_train.convert.mapping import Glm45Mapping
+from glm45_train.convert.mcore_dir import (
+    ASSETS_DIR,
+    RELEASE,
+    McoreCheckpointDir,
+    check_output_dir,
+    copy_assets,
+    fresh_staging_dir,
+    publish,
+    staging_dir,
+    write_metadata,
+    write_tracker,
+)
+from glm45_train.convert.mcore_read import McoreTensorSource
+from glm45_train.convert.sharded_layout import TensorIndex, build_meta_model, te_style_sharded_state_dict
+from glm45_train.convert.summary import ConversionSummary, NullProgress, Progress
+from glm45_train.convert.tensor_source import HFTensorSource
+from glm45_train.errors import UserError
+from glm45_train.model.hf_layout import EXPERT_BIAS_KEY, hf_tensor_shapes
+
+__all__ = ["McoreTensorSource", "hf_to_mcore", "load_mcore", "mcore_to_hf"]
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+CHECKPOINT_VERSION = 3.0  # Megatron-LM's current `checkpoint_version`
+
+
+def hf_to_mcore(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    layout: ParallelLayout | None = None,
+    dtype: str = "bf16",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    thread_count: int = 2,
+) -> ConversionSummary:
+    """Convert an HF glm4_moe checkpoint into a Megatron-LM torch_dist checkpoint (every rank calls this)."""
+    hf_dir, out_dir, layout = Path(hf_dir), Path(out_dir), layout or ParallelLayout()
+    summary = ConversionSummary("hf->mcore", out_dir)
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    check_output_dir(out_dir, overwrite, source=hf_dir)
+    source, hf_dtypes = validated_hf_source(hf_dir)
+    _join_world(layout)
+    model = build_meta_model(source.hf, DTYPES[dtype])
+    chunks = ChunkSource(TensorIndex(model), source.get, progress)
+    staging = _shared_staging_dir(out_dir)
+    try:
+        _save_release(model, chunks, staging / RELEASE, thread_count)
+        if dist.get_rank() == 0:
+            _write_mcore_extras(staging, hf_dir, dtype, layout, hf_dtypes)
+            publish(staging, out_dir)
+        dist.barrier()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        (progress or NullProgress()).close()
+    summary.tensors, summary.bytes = chunks.tensors_done, chunks.bytes_done
+    return _reduce_over_ranks(summary.finish())
+
+
+def validated_hf_source(hf_dir: Path) -> tuple[HFTensorSource, dict[str, str]]:
+    """The HF checkpoint as a tensor source, after checking everything that can be checked without its data.
+
+    Returns the source and each tensor's safetensors dtype name.
+    """
+    source = HFTensorSource(hf_dir)  # index, shards present, config (model_type), tensor names
+    specs = source.reader.tensor_specs()  # every shard header: truncated files, tensors missing from a shard
+    for name, (shape, _) in specs.items():
+        source.mapping.check_shape(name, torch.empty(shape, device="meta"))
+    for copy_name in source.mapping.copies:
+        source.mapping.check_copy(copy_name, source.reader.get)
+    return source, {name: dtype for name, (_, dtype) in specs.items()}
+
+
+def _join_world(layout: ParallelLayout) -> None:
+    from glm45_train.runtime import distributed
+
+    if layout.pp > 1:
+        # megatron-core 0.16.1 all-reduces the MTP stage's embedding copy on CUDA while building the model.
+        # The checkpoint does not depend on the layout it was written at: write at pp 1, load at any pp.
+        raise UserError("writing at pp > 1 is not supported; torch_dist checkpoints reshard on load: use --pp 1")
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        layout.data_parallel_size(world)
+    except ValueError as err:
+        needed = layout.tp * layout.pp * layout.cp
+        raise UserError(
+            f"layout tp={layout.tp} pp={layout.pp} ep={layout.ep} cannot run on {world} process(es) ({err}); "
+            f"launch with e.g. `torchrun --nproc-per-node {max(needed, layout.ep)} -m glm45_train.cli.main export ...`"
+        ) from None
+    distributed.initialize(layout)
+
+
+def _shared_staging_dir(out_dir: Path) -> Path:
+    """Rank 0 creates the (fresh) staging directory; every rank gets the same path."""
+    if dist.get_rank() == 0:
+        fresh_staging_dir(out_dir)
+    dist.barrier()
+    return staging_dir(out_dir)
+
+
+def _save_release(model: torch.nn.Module, chunks: ChunkSource, release_dir: Path, thread_count: int) -> None:
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if dist.get_rank() == 0:
+        release_dir.mkdir()
+    dist.barrier()
+    state = {
+        "model": te_style_sharded_state_dict(model, for_save=True),
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": 0,
+    }
+    strategy = LazyTorchDistSaveStrategy(chunks, thread_count=thread_count)
+    try:
+        dist_checkpointing.save(
+            state, str(release_dir), sharded_strategy=strategy, content_metadata={"singleton_local_shards": False}
+        )
+    except CheckpointException as err:
+        user_errors = [exc for exc, _ in err.failures.values() if isinstance(exc, UserError)]
+        if user_errors:
+            raise user_errors[0] from None
+        raise
+
+
+def _write_mcore_extras(
+    staging: Path, hf_dir: Path, dtype: str, layout: ParallelLayout, hf_dtypes: dict[str, str]
+) -> None:
+    import megatron.core
+
+    assets = copy_assets(hf_dir, staging / ASSETS_DIR)
+    default_dtype = Counter(hf_dtypes.values()).most_common(1)[0][0]
+    metadata: dict[str, Any] = {
+        "glm45_train_version": __version__,
+        "megatron_core_version": megatron.core.__version__,
+        "source": {
+            "path": str(hf_dir.resolve()),
+            "config": json.loads((hf_dir / "config.json").read_text()),
+            "files": assets,
+        },
+        "conversion": {"dtype": dtype, "layout": vars(layout), "keys": "transformer_engine"},
+        "hf_dtypes": {
+            "default": default_dtype,
+            "exceptions": {name: d for name, d in sorted(hf_dtypes.items()) if d != default_dtype},
+        },
+    }
+    write_metadata(staging, metadata)
+    write_tracker(staging)
+
+
+def _reduce_over_ranks(summary: ConversionSummary) -> ConversionSummary:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        totals = torch.tensor([summary.tensors, summary.bytes], dtype=torch.int64)
+        dist.all_reduce(totals)
+        peak = torch.tensor([summary.peak_rss_bytes], dtype=torch.int64)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        summary.tensors, summary.bytes = (int(v) for v in totals)
+        summary.peak_rss_bytes = int(peak)
+    return summary
+
+
+# -- Megatron -> HF ------------------------------------------------------------------------------------------
+
+
+def mcore_to_hf(
+    mcore_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+    progress: Progress | None = None,
+) -> ConversionSummary:
+    """Export a Megatron checkpoint (with glm45_train.json) to HF safetensors in the source's dtypes."""
+    out_dir = Path(out_dir)
+    progress = progress or NullProgress()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("exporting to HF runs in one process: launch it without torchrun")
+    summary = ConversionSummary("mcore->hf", out_dir)
+    check_output_dir(out_dir, overwrite, source=Path(mcore_dir))
+    source = McoreTensorSource(mcore_dir)
+    mapping = Glm45Mapping(source.hf, "local")
+    hf_dtype = _hf_dtype_lookup(source.directory.metadata)
+    staging = fresh_staging_dir(out_dir)
+    try:
+        writer = HFCheckpointWriter(staging, max_shard_bytes)
+        progress.start(sum(torch.Size(s).numel() * hf_dtype(n).itemsize for n, s in hf_tensor_shapes(source.hf)))
+        summary.tensors = _write_hf_weights(source, mapping, hf_dtype, writer, progress)
+        writer.finish()
+        _write_hf_extras(staging, source.directory)
+        publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        progress.close()
+    summary.bytes = writer.total_bytes
+    return summary.finish()
+
+
+def _write_hf_weights(
+    source: McoreTensorSource, mapping: Glm45Mapping, hf_dtype, writer: HFCheckpointWriter, progress: Progress
+) -> int:
+    """Every HF tensor, batch by batch from the checkpoint; the set written is checked against the table."""
+    written = []
+    for batch in source.iter_batches():
+        for name, tensor in batch.items():
+            for hf_name, part in _hf_tensors(mapping, name, tensor):
+                writer.add(hf_name, part.to(hf_dtype(hf_name)))
+                written.append(hf_name)
+                progress.advance(part.numel() * hf_dtype(hf_name).itemsize)
+    mapping.check_hf_names(written)
+    return len(written)
+
+
+def _hf_tensors(mapping: Glm45Mapping, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The HF tensors one mcore tensor becomes, followed by the MTP copies of any of them."""
+    pairs = mapping.to_hf(name, tensor)
+    copies = [(copy, part.clone()) for hf_name, part in pairs for copy, src in mapping.copies.items() if src == hf_name]
+    return pairs + copies
+
+
+def _hf_dtype_lookup(metadata: dict[str, Any]):
+    """HF name -> dtype the source stored it in (falls back to the config's dtype, fp32 for the expert bias)."""
+    recorded = metadata.get("hf_dtypes")
+    if recorded:
+        default, exceptions = recorded["default"], recorded["exceptions"]
+        return lambda name: SAFETENSORS_DTYPES[exceptions.get(name, default)]
+    config = metadata["source"]["config"]
+    config_dtype = getattr(torch, config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    return lambda name: torch.float32 if name.endswith(EXPERT_BIAS_KEY) else config_dtype
+
+
+def _write_hf_extras(staging: Path, directory: McoreCheckpointDir) -> None:
+    """config.json, generation_config.json and tokenizer files carried from the source (or rebuilt)."""
+    if directory.assets.is_dir():
+        for path in directory.assets.iterdir():
+            shutil.copy2(path, staging / path.name)
+    config = directory.hf_config
+    if not (staging / "config.json").exists():
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if not (staging / "generation_config.json").exists():
+        generation = {"_from_model_config": True, "eos_token_id": config.get("eos_token_id")}
+        if "pad_token_id" in config:
+            generation["pad_token_id"] = config["pad_token_id"]
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+# -- loading into a model ------------------------------------------------------------------------------------
+
+
+def load_mcore(model: torch.nn.Module, mcore_dir: str | Path, *, strict: bool = True) -> int:
+    """Load a checkpoint into a built GPTModel of any parallel layout and spec (TE-style keys on disk).
+
+    Every rank of the model's layout calls this. The router expert biases (buffers) are loaded too.
+    Returns the number of tensors loaded on this rank.
+    """
+    from megatron.core import dist_checkpointing
+
+    directory = McoreCheckpointDir(mcore_dir)
+    sharded = te_style_sharded_state_dict(model, for_save=False)
+    loaded = dist_checkpointing.load({"model": sharded}, str(directory.checkpoint))["model"]
+    model.load_state_dict(loaded, strict=strict)
+    return sum(isinstance(value, torch.Tensor) for value in loaded.values())

@@ -1,0 +1,129 @@
+"""Bad input to `export`: a clear error naming the culprit, exit status 2, and no output that looks complete."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from glm45_train.cli.main import main as cli
+from glm45_train.convert.hf_io import CheckpointError
+from glm45_train.convert.mcore_io import hf_to_mcore
+from glm45_train.convert.tensor_source import HFTensorSource
+
+
+@pytest.fixture
+def broken_copy(tiny_air, tmp_path) -> Path:
+    """A private copy of the tiny Air checkpoint to damage."""
+    return Path(shutil.copytree(tiny_air, tmp_path / "source"))
+
+
+def export_to_mcore(source: Path, out: Path, *extra: str) -> int:
+    return cli(["export", "--to-mcore", "--model", str(source), "--output-dir", str(out), "--no-progress", *extra])
+
+
+def assert_failed_cleanly(code: int, out: Path, capsys, *culprits: str) -> None:
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("glm45-train export: error:") and err.count("\n") == 1, err  # one line, no traceback
+    for culprit in culprits:
+        assert culprit in err, err
+    assert not out.exists() or not any(out.iterdir())  # nothing that looks like a checkpoint
+    assert not list(out.parent.glob(f".{out.name}.*"))  # no staging left behind
+
+
+def shard_of(source: Path, tensor: str) -> str:
+    return json.loads((source / "model.safetensors.index.json").read_text())["weight_map"][tensor]
+
+
+def test_shard_listed_in_the_index_but_missing(broken_copy, tmp_path, capsys):
+    shard = shard_of(broken_copy, "lm_head.weight")
+    (broken_copy / shard).unlink()
+    out = tmp_path / "out"
+    assert_failed_cleanly(export_to_mcore(broken_copy, out), out, capsys, shard, "do not exist")
+
+
+def test_truncated_safetensors_file(broken_copy, tmp_path, capsys):
+    shard = broken_copy / shard_of(broken_copy, "model.layers.1.mlp.experts.0.up_proj.weight")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    out = tmp_path / "out"
+    assert_failed_cleanly(export_to_mcore(broken_copy, out), out, capsys, shard.name)
+
+
+def test_wrong_model_type(broken_copy, tmp_path, capsys):
+    config = json.loads((broken_copy / "config.json").read_text())
+    (broken_copy / "config.json").write_text(json.dumps({**config, "model_type": "deepseek_v3"}))
+    out = tmp_path / "out"
+    assert_failed_cleanly(export_to_mcore(broken_copy, out), out, capsys, "config.json", "deepseek_v3", "glm4_moe")
+
+
+def test_tensor_shape_disagrees_with_the_config(broken_copy, tmp_path, capsys):
+    config = json.loads((broken_copy / "config.json").read_text())
+    (broken_copy / "config.json").write_text(json.dumps({**config, "moe_intermediate_size": 16}))
+    out = tmp_path / "out"
+    code = export_to_mcore(broken_copy, out)
+    assert_failed_cleanly(code, out, capsys, "model.layers.1.mlp.experts.", "32", "config.json implies")
+
+
+def test_non_empty_output_dir_without_overwrite(tiny_air, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    err_code = export_to_mcore(tiny_air, out)
+    err = capsys.readouterr().err
+    assert err_code == 2 and str(out) in err and "--overwrite" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_overwrite_replaces_the_output_dir(tiny_air, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert export_to_mcore(tiny_air, out, "--overwrite") == 0
+    assert not (out / "stale.txt").exists() and (out / "release" / "metadata.json").exists()
+
+
+def test_failure_while_writing_leaves_no_checkpoint(tiny_air, tmp_path, monkeypatch, megatron_world):
+    real_get = HFTensorSource.get
+
+    def failing_get(self, name):
+        if name.startswith("mtp."):
+            raise CheckpointError(f"disk error reading {name}")
+        return real_get(self, name)
+
+    monkeypatch.setattr(HFTensorSource, "get", failing_get)
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="disk error reading mtp"):
+        hf_to_mcore(tiny_air, out)
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_layout_needing_more_processes_says_how_to_launch(tiny_air, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert_failed_cleanly(export_to_mcore(tiny_air, out, "--tp", "2"), out, capsys, "tp=2", "torchrun")
+
+
+def test_layout_flags_are_refused_for_hf_export(mcore_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli(["export", "--to-hf", "--model", str(mcore_dirs["air"]), "--output-dir", str(out), "--ep", "2"])
+    assert_failed_cleanly(code, out, capsys, "--ep")
+
+
+def test_hf_export_of_a_directory_that_is_no_checkpoint(tiny_air, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli(["export", "--to-hf", "--model", str(tiny_air), "--output-dir", str(out)])
+    assert_failed_cleanly(code, out, capsys, str(tiny_air), "not a Megatron torch_dist checkpoint")
+
+
+def test_unknown_model_is_neither_a_directory_nor_a_model_id(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert_failed_cleanly(export_to_mcore(tmp_path / "nowhere", out), out, capsys, "nowhere", "ModelScope")
+
+
+def test_output_dir_that_would_replace_the_source(broken_copy, capsys):
+    code = export_to_mcore(broken_copy, broken_copy, "--overwrite")
+    err = capsys.readouterr().err
+    assert code == 2 and "would replace the source" in err
+    assert (broken_copy / "config.json").exists()
