@@ -62,3 +62,19 @@ def test_default_causal_mask_is_built_on_cpu():
     mask = fused_softmax.get_default_causal_mask(4)
     assert mask.device.type == "cpu" and mask.dtype == torch.bool
     assert torch.equal(mask, torch.ones(4, 4).triu(1).bool())
+
+
+def test_full_recompute_gives_the_same_gradients(megatron_world, tiny_air):
+    from glm45_train.convert.tensor_source import HFTensorSource, load_weights
+    from glm45_train.model.build import build_model
+    from glm45_train.model.hf_config import to_transformer_config
+
+    source = HFTensorSource(tiny_air)
+    tokens = torch.randint(0, source.hf.vocab_size, (1, 16), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for recompute in ({}, {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}):
+        model = build_model(source.hf, to_transformer_config(source.hf, **recompute))
+        load_weights(model, source)
+        model(tokens, torch.arange(16)[None], None, labels=tokens).mean().backward()
+        grads.append(model.decoder.layers[0].self_attention.linear_qkv.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-6)

@@ -92,3 +92,43 @@ def test_impossible_layout_fails_before_any_work(tiny_air, tmp_path, capsys):
     assert main([*args, "parallel.ep=3"]) == 2
     assert "parallel.ep" in capsys.readouterr().err
     assert not run_dir.exists()  # no data prepared, no process group joined, nothing written
+
+
+@pytest.fixture(scope="module")
+def lora_uninterrupted(tiny_air, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("lora") / "run"
+    return run_dir, run_sft("tiny_lora.yaml", tiny_air, run_dir)
+
+
+@pytest.mark.slow
+def test_lora_trains_adapters_only(lora_uninterrupted):
+    run_dir, metrics = lora_uninterrupted
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.2
+    stored = json.loads((run_dir / "iter_0000008" / "metadata.json").read_text())
+    assert json.loads((run_dir / "glm45_train.json").read_text())["training"]["kind"] == "lora"
+    saved = (run_dir / "iter_0000008" / ".metadata").read_bytes()
+    assert b"linear_qkv_lora.lora_A" in saved and b"linear_proj_lora.lora_B" in saved
+    assert b"linear_fc1.weight" not in saved  # no base weight in an adapter-only checkpoint
+    assert stored  # a complete torch_dist checkpoint
+
+
+@pytest.mark.slow
+def test_lora_stops_on_sigusr1_and_resumes_where_it_stopped(tiny_air, tmp_path, lora_uninterrupted):
+    _, expected = lora_uninterrupted
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        sft_command("tiny_lora.yaml", tiny_air, run_dir), cwd=REPO_ROOT, env=_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, "run ended before step 2"
+        time.sleep(0.02)
+    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(workers[0]), signal.SIGUSR1)  # one rank is enough: all ranks agree to checkpoint
+    assert process.wait(timeout=300) == 0
+    stopped_at = int((run_dir / "latest_checkpointed_iteration.txt").read_text())
+    assert 2 <= stopped_at < 8
+    resumed = run_sft("tiny_lora.yaml", tiny_air, run_dir)
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in expected]

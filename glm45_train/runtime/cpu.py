@@ -24,6 +24,9 @@ Adaptations (symptom -> cause -> fix):
    the type query with the CUDA name for CPU float tensors.
 7. The schedules (token counter) and the MoE aux-loss tracker allocate with `device="cuda"` inside the
    forward/backward pass. -> those two modules see a `torch` whose factory functions place on the CPU.
+8. "Torch not compiled with CUDA enabled" in activation recompute: Megatron's CheckpointFunction saves and
+   restores the CUDA generator state next to the CPU one. -> with no CUDA generator, that part is empty and
+   restoring it does nothing (the CPU state and the named streams are still saved and restored).
 
 Not patched, chosen by configuration instead (see model/hf_config.py): the `allgather` token dispatcher (the
 `alltoall` one creates a CUDA stream at build time), no fused kernels, local (non-TE) layer specs.
@@ -60,6 +63,7 @@ def apply() -> bool:
     _make_synchronize_noop()
     _build_default_causal_mask_on_cpu()
     _place_factories_on_cpu_in_step_modules()
+    _no_cuda_generator_in_recompute()
     _APPLIED = True
     return True
 
@@ -144,6 +148,13 @@ def _place_factories_on_cpu_in_step_modules() -> None:
 
     for module_name in _STEP_MODULES:
         importlib.import_module(module_name).torch = _TorchWithCpuFactories("torch")  # type: ignore[attr-defined]
+
+
+def _no_cuda_generator_in_recompute() -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
 def on_cpu_device() -> contextlib.AbstractContextManager[object]:

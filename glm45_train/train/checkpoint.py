@@ -68,7 +68,7 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 def _sharded_state(trainer: Any, is_loading: bool) -> dict[str, Any]:
-    model_state = trainer.model_sharded_state_dict()
+    model_state = trainer.model_sharded_state_dict(for_save=not is_loading)
     state: dict[str, Any] = {"model": model_state, "rng_state": _rng_object(is_loading)}
     if trainer.save_optimizer:
         with trainer.cpu_context():
@@ -122,6 +122,7 @@ def load(trainer: Any, ckpt_dir: Path, step: int) -> tuple[int, DataPosition]:
     if trainer.save_optimizer:
         with trainer.cpu_context(), torch.no_grad():  # fp32 runs copy into the parameters themselves
             trainer.optimizer.load_state_dict(state["optimizer"])
+        _restore_adam_steps(trainer.optimizer)
     trainer.scheduler.load_state_dict(state["scheduler"])
     _restore_rng(state["rng_state"])
     return int(state["step"]), DataPosition(**state["data_position"])
@@ -140,6 +141,21 @@ def _give_fresh_optimizer_a_step(optimizer: Any) -> None:
                     state["step"] = torch.tensor(0.0)
                     state.setdefault("exp_avg", torch.zeros_like(param))
                     state.setdefault("exp_avg_sq", torch.zeros_like(param))
+
+
+def _restore_adam_steps(optimizer: Any) -> None:
+    """Megatron 0.16.1 restores the Adam step count into each param group's "step" but leaves torch Adam's
+    per-parameter `state["step"]` (what the bias correction reads) at its initial value; copy it across, or the
+    first steps after a resume would take differently sized updates."""
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = chained.optimizer
+        for group in inner.param_groups:
+            if group.get("step") is None:
+                continue
+            for param in group["params"]:
+                state = inner.state[param]
+                if "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
 
 
 def _write_atomically(path: Path, text: str) -> None:

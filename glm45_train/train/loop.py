@@ -22,6 +22,7 @@ from glm45_train.data.prepared import Batch, load_prepared
 from glm45_train.train import checkpoint
 from glm45_train.train.batches import BatchPlan, Collation, DataPosition, eval_batches, micro_batches
 from glm45_train.train.metrics import MetricsLog, plot_loss
+from glm45_train.train.run_dir import write_run_metadata
 from glm45_train.train.setup import Trainer, build_trainer
 
 
@@ -160,7 +161,9 @@ def run_sft(recipe: Recipe) -> RunResult:
     trainer = build_trainer(recipe, lambda _dp: train.steps or (train.epochs or 1) * plan.steps_per_epoch)
     collation = collation_for(recipe, int(dataset.metadata["max_length"]))
     run_dir = Path(recipe.checkpoint.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.get_rank() == 0:
+        write_run_metadata(recipe, run_dir)
+    dist.barrier()
     step, position = 0, DataPosition()
     resume_from = checkpoint.latest_step(run_dir)
     if resume_from is not None:

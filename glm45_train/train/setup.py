@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from glm45_train.config.recipe import Recipe, validate_layout
 from glm45_train.model.hf_config import Glm45Config, to_transformer_config
@@ -54,20 +55,29 @@ class Trainer:
     def cpu_context(self) -> contextlib.AbstractContextManager[object]:
         return cpu.on_cpu_device()
 
-    def model_sharded_state_dict(self) -> dict[str, Any]:
+    def model_sharded_state_dict(self, for_save: bool) -> dict[str, Any]:
         if self.lora:
             from glm45_train.lora import lora_sharded_state_dict
 
             return lora_sharded_state_dict(self.module)
-        return self.module.sharded_state_dict()
+        from glm45_train.convert.sharded_layout import te_style_sharded_state_dict
+
+        # the converter's key convention: a full-SFT checkpoint exports with `export --to-hf` like a converted one
+        return te_style_sharded_state_dict(self.module, for_save=for_save)
 
     def load_model_state(self, state: dict[str, Any]) -> None:
-        if self.lora:
-            from glm45_train.lora import load_lora_sharded_state
-
-            load_lora_sharded_state(self.module, state)
-        else:
+        if not self.lora:
             self.module.load_state_dict(state, strict=True)
+            return
+        from glm45_train.lora import is_lora_name
+
+        result = self.module.load_state_dict(state, strict=False)  # adapters only; the base came from model.source
+        unset = [k for k in result.missing_keys if is_lora_name(k)]
+        if unset or result.unexpected_keys:
+            raise RuntimeError(
+                f"adapter checkpoint does not match the model: missing {unset[:3]}, "
+                f"unexpected {result.unexpected_keys[:3]}"
+            )
 
 
 def model_config_of(source: str | Path) -> Glm45Config:
@@ -138,7 +148,9 @@ def build_trainer(recipe: Recipe, total_steps_for: Any) -> Trainer:
     if recipe.lora.enabled:
         from glm45_train.lora import apply_lora
 
-        apply_lora(model, recipe.lora)
+        report = apply_lora(model, recipe.lora, seed=recipe.train.seed)
+        if dist.get_rank() == 0:
+            print(report.summary(), flush=True)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     total_steps = total_steps_for(dp_size)
