@@ -3,6 +3,7 @@
 export --to-mcore --model SRC --output-dir DIR [--tp N --pp N --ep N --etp N] [--dtype bf16|fp32]
        [--test-precision] [--overwrite]
 export --to-hf --model MCORE_DIR --output-dir DIR [--test-precision] [--overwrite]
+export --to-hf --model LORA_RUN --output-dir DIR [--merge-lora [--dtype bf16|fp32] | --adapter-only] [--test-precision]
 
 SRC is a local HF directory or a ModelScope model ID. To write at a parallel layout, launch under torchrun
 (`torchrun --nproc-per-node 4 -m glm45_train.cli.main export --to-mcore --tp 2 --ep 2 ...`): each rank writes its
@@ -29,6 +30,9 @@ def add_parser(subparsers) -> None:
             f"--{flag}", type=_positive_int, default=None, metavar="N", help=f"{flag} size (--to-mcore)"
         )
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="mcore dtype (default bf16)")
+    lora = parser.add_mutually_exclusive_group()
+    lora.add_argument("--merge-lora", action="store_true", help="LoRA run: a full HF checkpoint (the default)")
+    lora.add_argument("--adapter-only", action="store_true", help="LoRA run: an HF-PEFT adapter")
     parser.add_argument("--test-precision", action="store_true", help="then compare logits with transformers (fp32)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -50,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     from glm45_train.errors import UserError
 
     progress = None if args.no_progress or not _is_rank_zero() else TqdmProgress("converting")
+    if args.to_hf and _is_lora_run(args.model):
+        return _export_lora(args)
+    if args.merge_lora or args.adapter_only:
+        raise UserError(f"{args.model}: --merge-lora / --adapter-only apply to a LoRA training run directory")
     if args.to_hf:
         given = [f"--{flag}" for flag in (*LAYOUT_FLAGS, "dtype") if getattr(args, flag) is not None]
         if given:
@@ -68,6 +76,36 @@ def run(args: argparse.Namespace) -> int:
     from glm45_train.convert.precision import check
 
     report = check(hf_dir, McoreTensorSource(mcore_dir), dtype="fp32")
+    _print(report.format())
+    return 0 if report.passed else 1
+
+
+def _is_lora_run(path: str) -> bool:
+    from pathlib import Path
+
+    from glm45_train.convert.mcore_dir import METADATA_NAME
+
+    metadata = Path(path) / METADATA_NAME
+    return metadata.exists() and '"kind": "lora"' in metadata.read_text()
+
+
+def _export_lora(args: argparse.Namespace) -> int:
+    from glm45_train.errors import UserError
+    from glm45_train.lora.hf_export import export_merged, export_peft_adapter
+
+    if args.adapter_only:
+        if args.dtype or args.test_precision:
+            raise UserError("--dtype and --test-precision apply to --merge-lora exports")
+        _print(f"adapter -> {export_peft_adapter(args.model, args.output_dir, overwrite=args.overwrite)}")
+        return 0
+    out = export_merged(args.model, args.output_dir, dtype=args.dtype, overwrite=args.overwrite)
+    _print(f"merged LoRA -> {out}")
+    if not args.test_precision:
+        return 0
+    from glm45_train.lora.adapter_io import read_lora_run
+    from glm45_train.lora.merge_check import check_merged
+
+    report = check_merged(read_lora_run(args.model), out, dtype=args.dtype or "bf16")
     _print(report.format())
     return 0 if report.passed else 1
 

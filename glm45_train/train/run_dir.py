@@ -38,5 +38,5 @@ def write_run_metadata(recipe: Recipe, run_dir: Path) -> None:
         "layout": asdict(recipe.parallel),
         "keys": "transformer_engine",
     }
-    metadata["training"] = {"kind": "lora" if recipe.lora.enabled else "full"}
+    metadata["training"] = {"kind": "lora" if recipe.lora.enabled else "full", "base": str(source.resolve())}
     write_metadata(run_dir, metadata)
