@@ -1,17 +1,23 @@
-"""The README's main job on the embedded default: a tiny GLM-4.5 generated locally, end to end.
+"""The README's main job on the embedded default: a tiny GLM-4.5-Air generated locally, end to end on CPU.
 
-Today: make-tiny -> precision check of our Megatron model against transformers -> one forward/backward
-(with the MTP loss). Each step is a `glm45-train` command or one library call; the pipeline grows with the
-project (convert -> LoRA SFT -> export -> chat).
+make-tiny -> export --to-mcore (with the precision check against transformers) -> data prepare (the sample
+distillation set, thinking -> non-thinking, packed) -> LoRA SFT on 2 processes (expert parallel 2) -> export
+--to-hf with the LoRA merged (precision-checked against the trained Megatron model) -> chat with thinking off.
+Every step is a `glm45-train` command, printed before it runs.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from glm45_train.cli.main import main as glm45_train
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def step(title: str) -> None:
@@ -25,36 +31,41 @@ def run(*argv: str) -> None:
         sys.exit(f"demo: 'glm45-train {' '.join(argv)}' failed with exit code {code}")
 
 
-def forward_backward(hf_dir: Path) -> None:
-    import torch
-
-    from glm45_train.convert.tensor_source import HFTensorSource, load_weights
-    from glm45_train.model.build import build_model
-    from glm45_train.model.hf_config import to_transformer_config
-    from glm45_train.runtime import distributed
-
-    distributed.initialize()
-    source = HFTensorSource(hf_dir)
-    model = build_model(source.hf, to_transformer_config(source.hf, mtp_loss_scaling_factor=0.3))
-    load_weights(model, source)
-    tokens = torch.randint(0, source.hf.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
-    loss = model(tokens, torch.arange(64).expand(2, 64), None, labels=tokens).mean()
-    loss.backward()
-    grad_norm = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in model.parameters()))
-    print(f"loss {loss.item():.4f}  grad norm {grad_norm.item():.4f}  (MTP loss included)")
+def run_distributed(nproc: int, *argv: str) -> None:
+    """Training runs in its own processes (torchrun), exactly as a user launches it."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command += ["-m", "glm45_train.cli.main", *argv]
+    print(f"$ torchrun --nproc-per-node {nproc} -m glm45_train.cli.main " + " ".join(argv), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if subprocess.run(command, cwd=REPO, env=env).returncode:
+        sys.exit(f"demo: training failed ({' '.join(argv)})")
 
 
-def demo(work_dir: Path) -> None:
+def demo(work: Path) -> None:
     started = time.time()
-    hf_dir = work_dir / "tiny-air-hf"
-    step("1. make a tiny GLM-4.5-Air checkpoint (released format, local tokenizer)")
-    run("make-tiny", str(hf_dir), "--preset", "air", "--overwrite")
-    step("2. precision check: Megatron-Core model vs transformers' Glm4MoeForCausalLM (fp32)")
-    run("check", str(hf_dir), str(hf_dir))
-    step("3. forward + backward on Megatron-Core")
-    forward_backward(hf_dir)
-    print(f"\ndemo finished in {time.time() - started:.0f} s; files in {work_dir}")
+    shutil.rmtree(work, ignore_errors=True)  # the demo owns its directory: every run starts clean
+    hf, mcore, data, run_dir, merged = (work / n for n in ("tiny-air-hf", "tiny-air-mcore", "data", "lora", "merged"))
+    step("1/6 make a tiny GLM-4.5-Air (released on-disk format, local tokenizer and chat template)")
+    run("make-tiny", str(hf), "--preset", "air", "--overwrite")
+    step("2/6 convert HF -> Megatron-Core torch_dist, then check logits against transformers (fp32)")
+    run("export", "--to-mcore", "--model", str(hf), "--output-dir", str(mcore), "--test-precision", "--overwrite")
+    step("3/6 render + tokenize + pack the sample distillation data (thinking -> non-thinking)")
+    run(
+        "data", "prepare", str(REPO / "data/sample_distill.jsonl"), "--tokenizer", str(hf), "--output-dir", str(data),
+        "--max-length", "512", "--mode", "non-thinking", "--pack",
+    )  # fmt: skip
+    step("4/6 LoRA SFT on 2 processes (expert parallel 2), from the converted checkpoint")
+    run_distributed(
+        2, "sft", str(REPO / "recipes/tiny_lora.yaml"), f"model.source={mcore}", f"data.prepared={data}",
+        "data.inputs=[]", f"checkpoint.dir={run_dir}",
+    )  # fmt: skip
+    step("5/6 export the result to HF with the LoRA merged, checked against the trained Megatron model")
+    run("export", "--to-hf", "--model", str(run_dir), "--output-dir", str(merged), "--merge-lora", "--dtype", "fp32",
+        "--test-precision", "--overwrite")  # fmt: skip
+    step("6/6 chat with the fine-tuned model, thinking off (a tiny random model answers nonsense, in format)")
+    run("chat", str(merged), "--prompt", "用一句话介绍你自己。", "--thinking", "off", "--max-new-tokens", "24")
+    print(f"\ndemo finished in {time.time() - started:.0f} s: loss curve {run_dir / 'loss.png'}, model {merged}")
 
 
 if __name__ == "__main__":
-    demo(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo"))
+    demo(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo").resolve())
