@@ -73,3 +73,18 @@ def chat_tokenizer(tiny_tokenizer_dir):
 
 
 # --- end of data fixtures ---
+
+
+# --- conversion fixtures (owned by the conversion side: export, torch_dist I/O) ---
+
+
+@pytest.fixture(scope="session")
+def mcore_dirs(tiny_dirs, tmp_path_factory, megatron_world) -> dict[str, Path]:
+    """Each tiny preset converted once to a Megatron checkpoint (bf16, TP=PP=EP=1). Read-only for tests."""
+    from glm45_train.convert.mcore_io import hf_to_mcore
+
+    root = tmp_path_factory.mktemp("mcore")
+    return {preset: hf_to_mcore(path, root / preset).output_dir for preset, path in tiny_dirs.items()}
+
+
+# --- end of conversion fixtures ---

@@ -8,10 +8,10 @@ import warnings
 from collections.abc import Sequence
 
 from glm45_train import __version__
-from glm45_train.cli import check, make_tiny
+from glm45_train.cli import chat, check, data, export, make_tiny, plan, sft, submit
 from glm45_train.errors import UserError
 
-COMMANDS = (make_tiny, check)
+COMMANDS = (make_tiny, export, data, check, sft, chat, plan, submit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,8 @@ def quiet_third_party_noise() -> None:
     report listing the MTP layer it does not use (we convert and check that layer ourselves)."""
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed.*")
     warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed.checkpoint API renames
+    warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
     import transformers
 
     transformers.logging.set_verbosity_error()

@@ -1,4 +1,4 @@
-"""`glm45-train make-tiny OUT_DIR [--preset air|glm45] [--seed N] [--overwrite]`."""
+"""`glm45-train make-tiny OUT_DIR [--preset air|glm45] [--seed N] [--fp8 per-channel|block] [--overwrite]`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("out_dir", metavar="OUT_DIR")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="air")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--fp8",
+        choices=("per-channel", "block"),
+        default=None,
+        help="quantise the projections to FP8 like the FP8 releases (per-channel weight_scale or 128x128 blocks)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.set_defaults(func=run)
 
@@ -22,7 +28,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from glm45_train.model.tiny import make_tiny
 
-    out = make_tiny(args.out_dir, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
+    out = make_tiny(args.out_dir, preset=args.preset, seed=args.seed, overwrite=args.overwrite, fp8=args.fp8)
     shards = sorted(p.name for p in out.glob("*.safetensors"))
-    print(f"wrote tiny GLM-4.5 ({args.preset}, seed {args.seed}) to {out}: {len(shards)} shards")
+    kind = f", FP8 {args.fp8}" if args.fp8 else ""
+    print(f"wrote tiny GLM-4.5 ({args.preset}{kind}, seed {args.seed}) to {out}: {len(shards)} shards")
     return 0

@@ -1,29 +1,57 @@
-"""Hugging Face checkpoint files: sharded safetensors reading and writing, one tensor at a time.
+"""Hugging Face checkpoint files: sharded safetensors reading and writing, one tensor (or a few rows) at a time.
 
-Reading opens a shard per tensor and closes it again (memory-mapped pages of a kept-open file count toward RSS).
-Writing fills size-limited shards, writes them under temporary names and produces the final
-`model-0000i-of-0000N.safetensors` names plus `model.safetensors.index.json` only in `finish()`, so an
-interrupted write never leaves something that looks like a complete checkpoint.
+Reading (`HFCheckpointReader`) parses each shard's header once and reads a tensor's rows with positioned reads
+straight into a caller's buffer (`read_into`), casting only when the caller asks for another dtype. No file is
+memory-mapped and none is kept open between reads.
+
+Writing comes in two forms, both producing `model-0000i-of-0000N.safetensors` shards plus
+`model.safetensors.index.json`, written under temporary names and renamed only in `finish()` (index last), so an
+interrupted write never leaves something that looks like a complete checkpoint:
+- `StreamingHFWriter(dir, planned tensors)`: shard headers computed up front; tensors (or row ranges of them)
+  arrive in any order from any thread and go straight to their offsets. Memory: nothing buffered.
+- `HFCheckpointWriter(dir)`: `add()` tensors of unknown count; a shard is buffered until full (small models).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from glm45_train.convert import safetensors_format as st
 from glm45_train.errors import UserError
 
 INDEX_NAME = "model.safetensors.index.json"
+Planned = tuple[str, tuple[int, ...], torch.dtype]  # name, shape, dtype
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint directory that is incomplete, inconsistent or unreadable."""
+
+
+class TensorReader(Protocol):
+    """What reads an HF checkpoint: `HFCheckpointReader`, or fp8.DequantisingReader over one."""
+
+    directory: Path
+    weight_map: dict[str, str]
+
+    def names(self) -> list[str]: ...
+
+    def tensor_specs(self) -> dict[str, tuple[tuple[int, ...], str]]: ...
+
+    def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], str]: ...
+
+    def torch_dtype(self, name: str) -> torch.dtype: ...
+
+    def read_into(self, name: str, out: torch.Tensor, row: int = 0) -> None: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
 
 
 class HFCheckpointReader:
@@ -31,6 +59,8 @@ class HFCheckpointReader:
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
+        self._headers: dict[str, dict[str, st.Entry]] = {}
+        self._lock = threading.Lock()
         self.weight_map = self._read_weight_map()
 
     def _read_weight_map(self) -> dict[str, str]:
@@ -47,59 +77,174 @@ class HFCheckpointReader:
         single = self.directory / "model.safetensors"
         if not single.exists():
             raise CheckpointError(f"{self.directory}: no {INDEX_NAME} and no model.safetensors")
-        with self._open(single.name) as handle:
-            return {name: single.name for name in handle.keys()}  # noqa: SIM118  (safe_open has no __iter__)
+        return dict.fromkeys(self._header(single.name), single.name)
 
-    def _open(self, filename: str):
-        path = self.directory / filename
-        try:
-            return safe_open(str(path), framework="pt")
-        except Exception as err:  # safetensors raises its own error types for truncated/corrupt headers
-            raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+    def _header(self, filename: str) -> dict[str, st.Entry]:
+        with self._lock:
+            header = self._headers.get(filename)
+        if header is None:
+            path = self.directory / filename
+            try:
+                header = st.read_header(path)
+            except (st.FormatError, OSError) as err:
+                raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+            with self._lock:
+                self._headers[filename] = header
+        return header
+
+    def entry(self, name: str) -> st.Entry:
+        """Where tensor `name` lies in its shard (raises naming the tensor or the shard)."""
+        filename = self.weight_map.get(name)
+        if filename is None:
+            raise CheckpointError(f"{self.directory}: no tensor named {name}")
+        found = self._header(filename).get(name)
+        if found is None:
+            raise CheckpointError(f"{self.directory / filename}: lacks tensor {name} listed in {INDEX_NAME}")
+        return found
 
     def names(self) -> list[str]:
         return list(self.weight_map)
 
     def tensor_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """Shape and dtype of every tensor, reading each shard's header once (no tensor data).
-
-        Opening a shard also validates it: safetensors refuses a truncated file. A tensor the index lists
-        but its shard lacks is an error naming both.
-        """
-        by_file: dict[str, list[str]] = {}
-        for name, filename in self.weight_map.items():
-            by_file.setdefault(filename, []).append(name)
-        specs: dict[str, tuple[tuple[int, ...], str]] = {}
-        for filename, names in sorted(by_file.items()):
-            with self._open(filename) as handle:
-                stored = set(handle.keys())
-                for name in names:
-                    if name not in stored:
-                        raise CheckpointError(
-                            f"{self.directory / filename}: lacks tensor {name} listed in {INDEX_NAME}"
-                        )
-                    sl = handle.get_slice(name)
-                    specs[name] = (tuple(sl.get_shape()), sl.get_dtype())
-        return specs
+        """Shape and dtype name of every tensor, reading each shard's header once (which also validates it:
+        a truncated file, or a tensor the index lists but its shard lacks, is an error naming both)."""
+        entries = {name: self.entry(name) for name in self.weight_map}
+        return {name: (entry.shape, entry.dtype) for name, entry in entries.items()}
 
     def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
-        with self._open(self.weight_map[name]) as handle:
-            sl = handle.get_slice(name)
-            return tuple(sl.get_shape()), sl.get_dtype()
+        entry = self.entry(name)
+        return entry.shape, entry.dtype
+
+    def torch_dtype(self, name: str) -> torch.dtype:
+        return self.entry(name).torch_dtype
+
+    def read_into(self, name: str, out: torch.Tensor, row: int = 0) -> None:
+        """Rows [row, row + len(out)) of tensor `name` into the contiguous tensor `out` (cast to its dtype).
+
+        For a 0-d or 1-d tensor a "row" is one element. Only those bytes are read.
+        """
+        entry = self.entry(name)
+        rows = out.shape[0] if out.dim() else 1
+        if tuple(out.shape[1:]) != entry.shape[1:] or row + rows > (entry.shape[0] if entry.shape else 1):
+            raise CheckpointError(
+                f"{name}: cannot read rows {row}..{row + rows} of shape {list(entry.shape)} into {list(out.shape)}"
+            )
+        target = out if out.dtype == entry.torch_dtype else torch.empty(out.shape, dtype=entry.torch_dtype)
+        path = self.directory / self.weight_map[name]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            st.pread_into(fd, entry.start + row * entry.row_bytes, target)
+        except (OSError, st.FormatError) as err:
+            raise CheckpointError(f"{path}: cannot read tensor {name} ({err})") from None
+        finally:
+            os.close(fd)
+        if target is not out:
+            out.copy_(target)
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.weight_map:
-            raise CheckpointError(f"{self.directory}: no tensor named {name}")
-        filename = self.weight_map[name]
-        with self._open(filename) as handle:
-            try:
-                return handle.get_tensor(name)
-            except Exception as err:
-                raise CheckpointError(f"{self.directory / filename}: cannot read tensor {name} ({err})") from None
+        entry = self.entry(name)
+        out = torch.empty(entry.shape, dtype=entry.torch_dtype)
+        self.read_into(name, out)
+        return out
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.weight_map:
             yield name, self.get(name)
+
+
+def plan_shards(planned: Sequence[Planned], max_shard_bytes: int) -> list[list[Planned]]:
+    """Split tensors, in order, into shards of at most `max_shard_bytes` (a larger tensor gets a shard alone)."""
+    shards: list[list[Planned]] = [[]]
+    size = 0
+    for item in planned:
+        nbytes = math.prod(item[1]) * item[2].itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += nbytes
+    return [shard for shard in shards if shard]
+
+
+def _partial_name(i: int) -> str:
+    return f".shard-{i:05d}.safetensors.partial"
+
+
+def _publish_shards(directory: Path, shard_names: list[list[str]], total_bytes: int) -> list[str]:
+    """Give the written `.partial` shards their final names, then write the index (last)."""
+    count, weight_map, filenames = len(shard_names), {}, []
+    for i, names in enumerate(shard_names, start=1):
+        filename = f"model-{i:05d}-of-{count:05d}.safetensors"
+        path = directory / _partial_name(i)
+        os.chmod(path, 0o644)
+        os.replace(path, directory / filename)
+        weight_map.update(dict.fromkeys(names, filename))
+        filenames.append(filename)
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return filenames
+
+
+class StreamingHFWriter:
+    """Shards whose headers are fixed up front; `write` puts a tensor (or rows of it) at its planned place."""
+
+    def __init__(self, directory: str | Path, planned: Sequence[Planned], max_shard_bytes: int = 5 * 2**30) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._shards = plan_shards(planned, max_shard_bytes)
+        self._where: dict[str, tuple[int, st.Entry]] = {}
+        self._fds: list[int] = []
+        self._remaining: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.total_bytes = 0
+        for i, shard in enumerate(self._shards, start=1):
+            header, entries = st.encode_header(shard)
+            fd = os.open(self.directory / _partial_name(i), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            os.pwrite(fd, header, 0)
+            os.ftruncate(fd, max(e.end for e in entries.values()))
+            for name, entry in entries.items():
+                self._where[name] = (fd, entry)
+                self._remaining[name] = entry.end - entry.start
+                self.total_bytes += entry.end - entry.start
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._where[name][1].torch_dtype
+
+    def nbytes(self, name: str) -> int:
+        entry = self._where[name][1]
+        return entry.end - entry.start
+
+    def write(self, name: str, tensor: torch.Tensor, row: int = 0) -> None:
+        """Write `tensor` as rows [row, row + len(tensor)) of the planned tensor `name` (dtype must match)."""
+        if name not in self._where:
+            raise CheckpointError(f"tensor {name} is not among the planned tensors")
+        fd, entry = self._where[name]
+        rows = tensor.shape[0] if tensor.dim() else 1
+        if tensor.dtype != entry.torch_dtype or tuple(tensor.shape[1:]) != entry.shape[1:]:
+            planned = f"{entry.dtype}{list(entry.shape)}"
+            raise CheckpointError(f"{name}: writing {tensor.dtype}{list(tensor.shape)}, planned {planned}")
+        nbytes = rows * entry.row_bytes
+        with self._lock:
+            if self._remaining[name] < nbytes:
+                raise CheckpointError(f"tensor {name} written twice")
+            self._remaining[name] -= nbytes
+        st.pwrite_from(fd, entry.start + row * entry.row_bytes, tensor.contiguous())
+
+    def finish(self) -> list[str]:
+        """Check every planned byte was written, sync, name the shards and write the index."""
+        unwritten = sorted(name for name, left in self._remaining.items() if left)
+        if unwritten:
+            raise CheckpointError(f"{len(unwritten)} planned tensor(s) never written, e.g. {unwritten[:3]}")
+        for fd in self._fds:
+            os.fsync(fd)
+        self.close()
+        return _publish_shards(self.directory, [[n for n, _, _ in shard] for shard in self._shards], self.total_bytes)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
 
 class HFCheckpointWriter:
@@ -111,11 +256,12 @@ class HFCheckpointWriter:
         self.max_shard_bytes = max_shard_bytes
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
+        self._shards: list[list[str]] = []
+        self._written: set[str] = set()
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in names for _, names in self._shards):
+        if name in self._pending or name in self._written:
             raise CheckpointError(f"tensor {name} written twice")
         nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
@@ -127,23 +273,20 @@ class HFCheckpointWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
-        path = self.directory / f".shard-{len(self._shards):05d}.safetensors.partial"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._shards.append((path, list(self._pending)))
+        header, entries = st.encode_header([(n, tuple(t.shape), t.dtype) for n, t in self._pending.items()])
+        path = self.directory / _partial_name(len(self._shards) + 1)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.pwrite(fd, header, 0)
+            for name, tensor in self._pending.items():
+                st.pwrite_from(fd, entries[name].start, tensor)
+        finally:
+            os.close(fd)
+        self._shards.append(list(self._pending))
+        self._written.update(self._pending)
         self._pending, self._pending_bytes = {}, 0
 
     def finish(self) -> list[str]:
         """Final shard names plus the index. Returns the shard file names."""
         self._flush()
-        count = len(self._shards)
-        weight_map: dict[str, str] = {}
-        filenames = []
-        for i, (path, names) in enumerate(self._shards, start=1):
-            filename = f"model-{i:05d}-of-{count:05d}.safetensors"
-            os.chmod(path, 0o644)  # safetensors writes 0600 temp files; checkpoints are shared read-only
-            os.replace(path, self.directory / filename)
-            weight_map.update(dict.fromkeys(names, filename))
-            filenames.append(filename)
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        return filenames
+        return _publish_shards(self.directory, self._shards, self.total_bytes)

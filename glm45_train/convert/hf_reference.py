@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from glm45_train.convert.hf_io import HFCheckpointReader
+from glm45_train.convert.hf_io import TensorReader
 
 
 def hf_model_config(hf_dir):
@@ -22,13 +22,13 @@ def hf_model_config(hf_dir):
     return AutoConfig.from_pretrained(hf_dir)
 
 
-def _param(reader: HFCheckpointReader, name: str, dtype: torch.dtype) -> torch.Tensor:
+def _param(reader: TensorReader, name: str, dtype: torch.dtype) -> torch.Tensor:
     tensor = reader.get(name)
     return tensor if name.endswith("e_score_correction_bias") else tensor.to(dtype)
 
 
 @torch.no_grad()
-def decoder_layer(config, reader: HFCheckpointReader, index: int, dtype: torch.dtype):
+def decoder_layer(config, reader: TensorReader, index: int, dtype: torch.dtype):
     """transformers' Glm4MoeDecoderLayer `index` with weights from the checkpoint (experts fused as HF does)."""
     from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeDecoderLayer
 
@@ -94,7 +94,7 @@ def run_layer(layer, hidden: torch.Tensor, config) -> torch.Tensor:
 @torch.no_grad()
 def mtp_logits(
     config,
-    reader: HFCheckpointReader,
+    reader: TensorReader,
     input_ids: torch.Tensor,
     final_hidden: torch.Tensor,
     dtype: torch.dtype,

@@ -6,7 +6,8 @@ the result). That strategy converts the sharded state dict to a PyTorch-DCP stat
 steps and calls `torch.distributed.checkpoint.save` with `LazySavePlanner`, whose `resolve_data` materialises each
 write item on demand: the item's meta view names a model tensor (`TensorIndex`), `ChunkSource` converts that whole
 tensor once (TP=1 layout, e.g. from HF), slices the item's chunk by the checkpoint's global offsets and drops the
-full tensor after its last chunk. Memory: the tensors in flight, never the model.
+full tensor after its last chunk. Memory: the tensors in flight, never the model. The storage writer is
+`StreamingFileSystemWriter` (dcp_writer.py): it converts and writes at the same time, chunk views without copies.
 
 Not megatron's default (async) torch_dist strategy: it resolves and preloads every item up front.
 `_replace_state_dict_keys_with_sharded_keys` is private in megatron-core: pinned to 0.16.1 in pyproject.toml.
@@ -32,14 +33,16 @@ from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 
 from glm45_train.convert.mapping import MappingError
+from glm45_train.convert.pipeline import BufferPool
 from glm45_train.convert.sharded_layout import TensorIndex
 from glm45_train.convert.summary import NullProgress, Progress
 
 FullTensor = Callable[[str], torch.Tensor]  # model tensor name (global experts, TP=1) -> full tensor
 
 
-def chunk_of(full: torch.Tensor, offsets, sizes, global_size, name: str) -> torch.Tensor:
-    """The chunk at `offsets`/`sizes` of a checkpoint tensor of `global_size` whose trailing dims are `full`.
+def chunk_region(full: torch.Tensor, offsets, sizes, global_size, name: str) -> torch.Tensor:
+    """The region of `full` (a view, any strides) that the chunk at `offsets`/`sizes` of a checkpoint tensor of
+    `global_size` covers, `full` being its trailing dims.
 
     Leading axes Megatron prepends (the expert index of `experts.experts.*`) have chunk size 1 and are not part
     of `full`; every other axis is sliced, which covers TP/ETP shards and the SwiGLU gate/up halves alike.
@@ -49,16 +52,32 @@ def chunk_of(full: torch.Tensor, offsets, sizes, global_size, name: str) -> torc
         raise MappingError(
             f"{name}: converted shape {tuple(full.shape)} does not fit checkpoint tensor {tuple(global_size)}"
         )
-    region = full[tuple(slice(o, o + s) for o, s in zip(offsets[extra:], sizes[extra:], strict=True))]
-    return region.reshape(tuple(sizes))
+    return full[tuple(slice(o, o + s) for o, s in zip(offsets[extra:], sizes[extra:], strict=True))]
+
+
+def chunk_of(full: torch.Tensor, offsets, sizes, global_size, name: str) -> torch.Tensor:
+    """The chunk itself, shaped as the checkpoint stores it (a copy when the region is not contiguous)."""
+    return chunk_region(full, offsets, sizes, global_size, name).reshape(tuple(sizes))
 
 
 class ChunkSource:
-    """Chunks of full tensors for the writer; each full tensor is converted once and kept until its last chunk."""
+    """Chunks of full tensors for the writer; each full tensor is converted once and kept until its last chunk.
 
-    def __init__(self, index: TensorIndex, full_tensor: FullTensor, progress: Progress | None = None) -> None:
+    Two ways to be asked: `chunk(view, item)` returns an independent chunk (DCP's `resolve_data` path), and the
+    streaming writer (dcp_writer.py) uses `acquire` / `region` / `done` to write chunks that are views of the
+    full tensor without copying. With a `BufferPool`, full tensors come from it and go back after their last chunk.
+    """
+
+    def __init__(
+        self,
+        index: TensorIndex,
+        full_tensor: FullTensor,
+        progress: Progress | None = None,
+        pool: BufferPool | None = None,
+    ) -> None:
         self.index, self.full_tensor = index, full_tensor
         self.progress = progress or NullProgress()
+        self.pool = pool
         self._remaining: Counter[str] = Counter()
         self._cache: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
@@ -95,35 +114,58 @@ class ChunkSource:
 
     def _chunk(self, view: torch.Tensor, item: WriteItem) -> torch.Tensor:
         name = self.index.name_of(view)
-        data = item.tensor_data
-        assert data is not None
-        full = self._acquire(name)
+        full = self.acquire(name)
+        region = None
         try:
-            chunk = chunk_of(full, data.chunk.offsets, data.chunk.sizes, data.size, name)
+            region = self.region(full, view, item, name)
+            return region.clone()  # DCP writes it after we return: it must not share pooled memory
         finally:
-            self._release(name)
-        if chunk.numel() != view.numel():
-            raise MappingError(f"{name}: chunk {tuple(chunk.shape)} does not match its shard {tuple(view.shape)}")
-        chunk = chunk.to(data.properties.dtype)
-        nbytes = chunk.numel() * chunk.element_size()
-        with self._lock:
-            self.bytes_done += nbytes
-        self.progress.advance(nbytes)
-        return chunk
+            self.done(name, full, item, region)
 
-    def _acquire(self, name: str) -> torch.Tensor:
-        # Converting under the lock keeps one tensor per name; other threads keep writing meanwhile.
+    def acquire(self, name: str) -> torch.Tensor:
+        """The full tensor `name` (converted on first request; other threads keep writing meanwhile)."""
         with self._lock:
             if name not in self._cache:
                 self._cache[name] = self.full_tensor(name)
             return self._cache[name]
 
-    def _release(self, name: str) -> None:
+    def region(self, full: torch.Tensor, view: torch.Tensor, item: WriteItem, name: str) -> torch.Tensor:
+        """The item's chunk of `full`: a view when it is contiguous and of the item's dtype, else a copy."""
+        data = item.tensor_data
+        assert data is not None
+        region = chunk_region(full, data.chunk.offsets, data.chunk.sizes, data.size, name)
+        if region.numel() != view.numel():
+            raise MappingError(f"{name}: chunk {tuple(data.chunk.sizes)} does not match its shard {tuple(view.shape)}")
+        if region.is_contiguous() and region.dtype == data.properties.dtype:
+            return region.view(tuple(data.chunk.sizes))
+        copy = self._new(tuple(data.chunk.sizes), data.properties.dtype)
+        copy.copy_(region.reshape(copy.shape))
+        return copy
+
+    def done(self, name: str, full: torch.Tensor, item: WriteItem, chunk: torch.Tensor | None = None) -> bool:
+        """The item's chunk is written: account for it, free a copied chunk, drop `full` after its last chunk
+        (returns whether it was the last)."""
+        nbytes = _item_bytes(item)
+        if chunk is not None and self.pool is not None and not _same_memory(chunk, full):
+            self.pool.release(chunk)
         with self._lock:
+            self.bytes_done += nbytes
             self._remaining[name] -= 1
-            if self._remaining[name] <= 0:
+            last = self._remaining[name] <= 0
+            if last:
                 self._cache.pop(name, None)
                 self.tensors_done += 1
+        self.progress.advance(nbytes)
+        if last and self.pool is not None:
+            self.pool.release(full)
+        return last
+
+    def _new(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return self.pool.tensor(shape, dtype) if self.pool is not None else torch.empty(shape, dtype=dtype)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 class LazySavePlanner(MCoreSavePlanner):
@@ -162,7 +204,9 @@ class LazyTorchDistSaveStrategy(SaveShardedStrategy):
     def save(self, sharded_state_dict: dict[str, Any], checkpoint_dir: str | Path) -> None:
         by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
         pyt_state_dict = mcore_to_pyt_state_dict(by_key, is_loading=False)
-        writer = dcp.FileSystemWriter(str(checkpoint_dir), thread_count=self.thread_count)
+        from glm45_train.convert.dcp_writer import StreamingFileSystemWriter  # it builds on ChunkSource
+
+        writer = StreamingFileSystemWriter(checkpoint_dir, self.chunks, thread_count=self.thread_count)
         dcp.save(pyt_state_dict, storage_writer=writer, planner=LazySavePlanner(self.chunks))
         self.chunks.check_complete()
 

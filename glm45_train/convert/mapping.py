@@ -7,12 +7,15 @@ rules, checks them against the config, and converts one mcore tensor at a time i
     mapping.check_hf_names(reader.names())            # unknown or missing HF tensors -> MappingError
     tensor = mapping.to_mcore("decoder.layers.1.self_attention.linear_qkv.weight", reader.get)
     for hf_name, t in mapping.to_hf(mcore_name, tensor): ...
+    for hf_name, runs in mapping.row_runs(mcore_name): ...   # where each HF tensor's rows lie (streaming)
 
 Names are the GPTModel state_dict names at TP=PP=EP=1. Sharding (TP/PP/EP) is not this module's concern.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +72,7 @@ class Glm45Mapping:
                 self.copies[self._hf_prefix("mtp", m) + entry["hf"]] = entry["source"]
         self._shapes = dict(hf_tensor_shapes(hf))
         self._hf_to_rule = {name: rule for rule in self.rules.values() for name in rule.hf}
+        self._runs: dict[tuple[str, tuple[int, ...]], list[list[transforms.Run]]] = {}
 
     # -- expansion of the table ------------------------------------------------------------------------------
 
@@ -143,12 +147,42 @@ class Glm45Mapping:
             tensor = read(name)
             self.check_shape(name, tensor)
             parts.append(tensor)
-        if rule.transform == "qkv":
-            q, k, v = parts
-            return transforms.qkv_merge(q, k, v, num_query_groups=self.hf.num_key_value_heads)
-        if rule.transform == "gate_up":
-            return transforms.gate_up_merge(*parts)
-        return parts[0]
+        return self._merge(rule.transform)(*parts)
+
+    def _merge(self, transform: str) -> Callable[..., torch.Tensor]:
+        if transform == "qkv":
+            return functools.partial(transforms.qkv_merge, num_query_groups=self.hf.num_key_value_heads)
+        if transform == "gate_up":
+            return transforms.gate_up_merge
+        return lambda part: part
+
+    def hf_shape(self, hf_name: str) -> tuple[int, ...]:
+        """The shape config.json implies for an HF tensor (copies included)."""
+        return self._shapes[hf_name]
+
+    def mcore_shape(self, mcore_name: str) -> tuple[int, ...]:
+        """The full (TP=1) shape of an mcore tensor: its HF parts stacked along dim 0."""
+        shapes = [self._shapes[name] for name in self._rule(mcore_name).hf]
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+    def row_runs(self, mcore_name: str) -> list[tuple[str, list[transforms.Run]]]:
+        """Each HF part of an mcore tensor with the runs (hf row, mcore row, rows) where its rows lie.
+
+        Enough to read a tensor from HF files straight into its mcore place, or write it back, row range by
+        row range (see transforms.row_runs).
+        """
+        rule = self._rule(mcore_name)
+        rows = tuple(self._shapes[name][0] if self._shapes[name] else 1 for name in rule.hf)
+        key = (rule.transform, rows)  # the same for every layer (and every expert)
+        if key not in self._runs:
+            self._runs[key] = transforms.row_runs(self._merge(rule.transform), rows)
+        return list(zip(rule.hf, self._runs[key], strict=True))
+
+    def _rule(self, mcore_name: str) -> Rule:
+        rule = self.rules.get(mcore_name)
+        if rule is None:
+            raise MappingError(f"no rule produces mcore tensor {mcore_name}")
+        return rule
 
     def to_hf(self, mcore_name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         rule = self.rules.get(mcore_name)
@@ -168,14 +202,29 @@ class Glm45Mapping:
             self.check_shape(name, part)
         return pairs
 
-    def check_copy(self, copy_name: str, read: Callable[[str], torch.Tensor]) -> None:
-        """An MTP copy must equal its source bit for bit: Megatron keeps one shared tensor."""
-        copy, source = read(copy_name), read(self.copies[copy_name])
-        if copy.dtype != source.dtype or not torch.equal(copy, source):
-            raise MappingError(
-                f"{copy_name} differs from {self.copies[copy_name]}; Megatron shares one tensor, "
-                "so converting would lose the difference"
-            )
+    def check_copy(self, copy_name: str, reader: Any, block_bytes: int = 64 * 2**20) -> None:
+        """An MTP copy must equal its source bit for bit: Megatron keeps one shared tensor.
+
+        `reader` is an HF checkpoint reader (`read_into`, `shape_and_dtype`); compared a block of rows at a time.
+        """
+        source_name = self.copies[copy_name]
+        (shape, dtype), (source_shape, source_dtype) = (reader.shape_and_dtype(n) for n in (copy_name, source_name))
+        mismatch = MappingError(
+            f"{copy_name} differs from {source_name}; "
+            "Megatron shares one tensor, so converting would lose the difference"
+        )
+        if (shape, dtype) != (source_shape, source_dtype):
+            raise mismatch
+        row_elems = max(1, math.prod(shape[1:]))
+        rows = max(1, block_bytes // (row_elems * 4))
+        copy_block = torch.empty((min(rows, shape[0]), *shape[1:]), dtype=reader.torch_dtype(copy_name))
+        source_block = torch.empty_like(copy_block)
+        for row in range(0, shape[0], rows):
+            n = min(rows, shape[0] - row)
+            reader.read_into(copy_name, copy_block[:n], row)
+            reader.read_into(source_name, source_block[:n], row)
+            if not torch.equal(copy_block[:n], source_block[:n]):
+                raise mismatch
 
 
 def _preview(names: list[str], limit: int = 5) -> str:

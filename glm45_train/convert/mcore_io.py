@@ -1,13 +1,15 @@
 """HF <-> Megatron torch_dist checkpoints, streaming both ways, and loading a checkpoint into any built model.
 
     hf_to_mcore(hf_dir, out_dir, layout=ParallelLayout(tp=2), dtype="bf16")   HF -> Megatron-LM layout, TE-style keys
-    mcore_to_hf(mcore_dir, out_dir)            Megatron -> HF shards + index + config + generation config + tokenizer
+    mcore_to_hf(mcore_dir, out_dir)            Megatron -> HF (hf_export.py, re-exported here)
     load_mcore(model, mcore_dir)               any layout, local or TE spec, via dist_checkpointing.load
 
 `hf_to_mcore` validates the whole source first (index, shard headers, names, shapes, MTP copies) so bad input fails
 before anything is written. It runs in one process or under torchrun at the requested layout: each rank builds its
 part of the model on `meta` and writes only its own shards (lazy_save.py); rank 0 adds the metadata and publishes
-the directory. Both directions write under a temporary name and rename at the end (mcore_dir.py).
+the directory. The writer converts and writes at once, chunk views without copies, in bounded memory
+(dcp_writer.py); FP8 sources are dequantised to bf16 as they are read (fp8.py). Both directions write under a
+temporary name and rename at the end (mcore_dir.py).
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import torch.distributed as dist
 
 from glm45_train import __version__
 from glm45_train.config.layout import ParallelLayout
-from glm45_train.convert.hf_io import HFCheckpointWriter
+from glm45_train.convert.fp8 import DequantisingReader
+from glm45_train.convert.hf_export import mcore_to_hf
 from glm45_train.convert.lazy_save import ChunkSource, LazyTorchDistSaveStrategy
-from glm45_train.convert.mapping import Glm45Mapping
 from glm45_train.convert.mcore_dir import (
     ASSETS_DIR,
     RELEASE,
@@ -40,16 +42,20 @@ from glm45_train.convert.mcore_dir import (
     write_tracker,
 )
 from glm45_train.convert.mcore_read import McoreTensorSource
-from glm45_train.convert.sharded_layout import TensorIndex, build_meta_model, te_style_sharded_state_dict
+from glm45_train.convert.pipeline import BufferPool
+from glm45_train.convert.sharded_layout import (
+    TensorIndex,
+    build_meta_model,
+    current_layout,
+    te_style_sharded_state_dict,
+)
 from glm45_train.convert.summary import ConversionSummary, NullProgress, Progress
 from glm45_train.convert.tensor_source import HFTensorSource
 from glm45_train.errors import UserError
-from glm45_train.model.hf_layout import EXPERT_BIAS_KEY, hf_tensor_shapes
 
 __all__ = ["McoreTensorSource", "hf_to_mcore", "load_mcore", "mcore_to_hf"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 CHECKPOINT_VERSION = 3.0  # Megatron-LM's current `checkpoint_version`
 
 
@@ -72,12 +78,13 @@ def hf_to_mcore(
     source, hf_dtypes = validated_hf_source(hf_dir)
     _join_world(layout)
     model = build_meta_model(source.hf, DTYPES[dtype])
-    chunks = ChunkSource(TensorIndex(model), source.get, progress)
+    source.pool = BufferPool()
+    chunks = ChunkSource(TensorIndex(model), source.get, progress, pool=source.pool)
     staging = _shared_staging_dir(out_dir)
     try:
         _save_release(model, chunks, staging / RELEASE, thread_count)
         if dist.get_rank() == 0:
-            _write_mcore_extras(staging, hf_dir, dtype, layout, hf_dtypes)
+            _write_mcore_extras(staging, hf_dir, dtype, layout, hf_dtypes, dequantized_from(source))
             publish(staging, out_dir)
         dist.barrier()
     except BaseException:
@@ -99,7 +106,7 @@ def validated_hf_source(hf_dir: Path) -> tuple[HFTensorSource, dict[str, str]]:
     for name, (shape, _) in specs.items():
         source.mapping.check_shape(name, torch.empty(shape, device="meta"))
     for copy_name in source.mapping.copies:
-        source.mapping.check_copy(copy_name, source.reader.get)
+        source.mapping.check_copy(copy_name, source.reader)
     return source, {name: dtype for name, (_, dtype) in specs.items()}
 
 
@@ -119,7 +126,10 @@ def _join_world(layout: ParallelLayout) -> None:
             f"layout tp={layout.tp} pp={layout.pp} ep={layout.ep} cannot run on {world} process(es) ({err}); "
             f"launch with e.g. `torchrun --nproc-per-node {max(needed, layout.ep)} -m glm45_train.cli.main export ...`"
         ) from None
-    distributed.initialize(layout)
+    from megatron.core import parallel_state
+
+    if not (parallel_state.model_parallel_is_initialized() and current_layout() == layout):
+        distributed.initialize(layout)  # (re)building Megatron's groups creates new gloo groups: only if needed
 
 
 def _shared_staging_dir(out_dir: Path) -> Path:
@@ -154,8 +164,18 @@ def _save_release(model: torch.nn.Module, chunks: ChunkSource, release_dir: Path
         raise
 
 
+def dequantized_from(source: HFTensorSource) -> str | None:
+    """The FP8 scheme the source was dequantised from, if any."""
+    return source.reader.scheme.name if isinstance(source.reader, DequantisingReader) else None
+
+
 def _write_mcore_extras(
-    staging: Path, hf_dir: Path, dtype: str, layout: ParallelLayout, hf_dtypes: dict[str, str]
+    staging: Path,
+    hf_dir: Path,
+    dtype: str,
+    layout: ParallelLayout,
+    hf_dtypes: dict[str, str],
+    fp8_scheme: str | None,
 ) -> None:
     import megatron.core
 
@@ -169,7 +189,12 @@ def _write_mcore_extras(
             "config": json.loads((hf_dir / "config.json").read_text()),
             "files": assets,
         },
-        "conversion": {"dtype": dtype, "layout": vars(layout), "keys": "transformer_engine"},
+        "conversion": {
+            "dtype": dtype,
+            "layout": vars(layout),
+            "keys": "transformer_engine",
+            **({"dequantized_from": f"fp8 {fp8_scheme}"} if fp8_scheme else {}),
+        },
         "hf_dtypes": {
             "default": default_dtype,
             "exceptions": {name: d for name, d in sorted(hf_dtypes.items()) if d != default_dtype},
@@ -188,92 +213,6 @@ def _reduce_over_ranks(summary: ConversionSummary) -> ConversionSummary:
         summary.tensors, summary.bytes = (int(v) for v in totals)
         summary.peak_rss_bytes = int(peak)
     return summary
-
-
-# -- Megatron -> HF ------------------------------------------------------------------------------------------
-
-
-def mcore_to_hf(
-    mcore_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    overwrite: bool = False,
-    max_shard_bytes: int = 5 * 2**30,
-    progress: Progress | None = None,
-) -> ConversionSummary:
-    """Export a Megatron checkpoint (with glm45_train.json) to HF safetensors in the source's dtypes."""
-    out_dir = Path(out_dir)
-    progress = progress or NullProgress()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("exporting to HF runs in one process: launch it without torchrun")
-    summary = ConversionSummary("mcore->hf", out_dir)
-    check_output_dir(out_dir, overwrite, source=Path(mcore_dir))
-    source = McoreTensorSource(mcore_dir)
-    mapping = Glm45Mapping(source.hf, "local")
-    hf_dtype = _hf_dtype_lookup(source.directory.metadata)
-    staging = fresh_staging_dir(out_dir)
-    try:
-        writer = HFCheckpointWriter(staging, max_shard_bytes)
-        progress.start(sum(torch.Size(s).numel() * hf_dtype(n).itemsize for n, s in hf_tensor_shapes(source.hf)))
-        summary.tensors = _write_hf_weights(source, mapping, hf_dtype, writer, progress)
-        writer.finish()
-        _write_hf_extras(staging, source.directory)
-        publish(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        progress.close()
-    summary.bytes = writer.total_bytes
-    return summary.finish()
-
-
-def _write_hf_weights(
-    source: McoreTensorSource, mapping: Glm45Mapping, hf_dtype, writer: HFCheckpointWriter, progress: Progress
-) -> int:
-    """Every HF tensor, batch by batch from the checkpoint; the set written is checked against the table."""
-    written = []
-    for batch in source.iter_batches():
-        for name, tensor in batch.items():
-            for hf_name, part in _hf_tensors(mapping, name, tensor):
-                writer.add(hf_name, part.to(hf_dtype(hf_name)))
-                written.append(hf_name)
-                progress.advance(part.numel() * hf_dtype(hf_name).itemsize)
-    mapping.check_hf_names(written)
-    return len(written)
-
-
-def _hf_tensors(mapping: Glm45Mapping, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """The HF tensors one mcore tensor becomes, followed by the MTP copies of any of them."""
-    pairs = mapping.to_hf(name, tensor)
-    copies = [(copy, part.clone()) for hf_name, part in pairs for copy, src in mapping.copies.items() if src == hf_name]
-    return pairs + copies
-
-
-def _hf_dtype_lookup(metadata: dict[str, Any]):
-    """HF name -> dtype the source stored it in (falls back to the config's dtype, fp32 for the expert bias)."""
-    recorded = metadata.get("hf_dtypes")
-    if recorded:
-        default, exceptions = recorded["default"], recorded["exceptions"]
-        return lambda name: SAFETENSORS_DTYPES[exceptions.get(name, default)]
-    config = metadata["source"]["config"]
-    config_dtype = getattr(torch, config.get("torch_dtype") or config.get("dtype") or "bfloat16")
-    return lambda name: torch.float32 if name.endswith(EXPERT_BIAS_KEY) else config_dtype
-
-
-def _write_hf_extras(staging: Path, directory: McoreCheckpointDir) -> None:
-    """config.json, generation_config.json and tokenizer files carried from the source (or rebuilt)."""
-    if directory.assets.is_dir():
-        for path in directory.assets.iterdir():
-            shutil.copy2(path, staging / path.name)
-    config = directory.hf_config
-    if not (staging / "config.json").exists():
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if not (staging / "generation_config.json").exists():
-        generation = {"_from_model_config": True, "eos_token_id": config.get("eos_token_id")}
-        if "pad_token_id" in config:
-            generation["pad_token_id"] = config["pad_token_id"]
-        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
 # -- loading into a model ------------------------------------------------------------------------------------

@@ -4,32 +4,31 @@
 full TP=1 tensor of a local-spec GPTModel state_dict name (experts by global index), e.g. for the precision check
 or for exporting to HF. Where each tensor lies in the checkpoint is asked of Megatron itself: the TP=1 model is
 built on `meta`, its TE-style sharded state dict says which checkpoint key, offsets and view make up each tensor
-(the SwiGLU fc1 is two chunks of one key; an expert is one slab of `experts.experts.*`). Each batch is one
-`torch.distributed.checkpoint.load` of exactly those regions, so only their bytes are read.
+(the SwiGLU fc1 is two chunks of one key; an expert is one slab of `experts.experts.*`). The stored chunks of
+those regions are found in the checkpoint's `.metadata` and read record by record (dcp_records.py): straight
+into the destination when a stored chunk is exactly the region (any checkpoint written at TP=1), else through a
+buffer from which the overlap is copied (checkpoints written at other layouts). Only those bytes are read.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections import defaultdict
+import math
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
     CachedMetadataFileSystemReader,
 )
-from megatron.core.dist_checkpointing.strategies.checkpointable import (
-    CheckpointableShardedTensor,
-    LocalShardsContainer,
-)
-from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 
 from glm45_train.config.layout import ParallelLayout
+from glm45_train.convert.dcp_records import read_record_into
 from glm45_train.convert.hf_io import CheckpointError
 from glm45_train.convert.mcore_dir import METADATA_NAME, McoreCheckpointDir
+from glm45_train.convert.pipeline import BufferPool
 from glm45_train.convert.sharded_layout import (
     TensorIndex,
     build_meta_model,
@@ -58,14 +57,18 @@ class Piece:
 
 
 class McoreTensorSource:
-    """Full TP=1 tensors read from a Megatron checkpoint, by local-spec state_dict name."""
+    """Full TP=1 tensors read from a Megatron checkpoint, by local-spec state_dict name.
 
-    def __init__(self, mcore_dir: str | Path) -> None:
+    With a `BufferPool`, `get`/`get_many` return pooled tensors the caller may `pool.release`.
+    """
+
+    def __init__(self, mcore_dir: str | Path, pool: BufferPool | None = None) -> None:
         self.directory = McoreCheckpointDir(mcore_dir)
         self.hf = Glm45Config.from_dict(self.directory.hf_config, source=str(self.directory.root / METADATA_NAME))
         self._reader = CachedMetadataFileSystemReader(str(self.directory.checkpoint))
         self._pieces: dict[str, list[Piece]] | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self.pool = pool
 
     def names(self) -> list[str]:
         """Every model tensor name, in model order."""
@@ -77,71 +80,87 @@ class McoreTensorSource:
 
     def dtype(self, name: str) -> torch.dtype:
         """The dtype the checkpoint stores `name` in."""
-        metadata = self._reader.read_metadata().state_dict_metadata
-        key = self._layout()[name][0].key
-        if key not in metadata:
-            raise CheckpointError(f"{self.directory.checkpoint}: lacks tensor {key} (holding {name})")
-        return metadata[key].properties.dtype
+        return self._stored(self._layout()[name][0].key).properties.dtype
+
+    def nbytes(self, name: str) -> int:
+        return math.prod(self.shape(name)) * self.dtype(name).itemsize
 
     def get(self, name: str) -> torch.Tensor:
         return self.get_many([name])[name]
 
     def get_many(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Several tensors with one checkpoint read."""
-        layout = self._layout()
-        tensors, loads = {}, []
+        """Several tensors (in pooled buffers when the source has a pool)."""
+        tensors = {}
         for name in names:
-            if name not in layout:
+            if name not in self._layout():
                 raise CheckpointError(f"{self.directory.checkpoint}: no model tensor named {name}")
-            tensors[name] = torch.empty(self._shapes[name], dtype=self.dtype(name))
-            for piece in layout[name]:
-                target = tensors[name].as_strided(piece.size, piece.stride, piece.offset)
-                # Read straight into the tensor where the region is contiguous (always, at TP=1).
-                buffer = target.view(piece.chunk_shape) if target.is_contiguous() else torch.empty(piece.chunk_shape)
-                loads.append((target, piece, buffer.to(target.dtype)))
-        self._load_regions([(piece, buffer) for _, piece, buffer in loads])
-        for target, _, buffer in loads:
-            if buffer.data_ptr() != target.data_ptr():
-                target.copy_(buffer.view(target.shape))
+            tensors[name] = self._new(self._shapes[name], self.dtype(name))
+            self.read_into(name, tensors[name])
         return tensors
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Fill `out` (contiguous, the tensor's shape and stored dtype) with tensor `name`."""
+        for piece in self._layout()[name]:
+            self._read_piece(piece, out.as_strided(piece.size, piece.stride, piece.offset))
 
     def iter_batches(self, max_bytes: int = 256 * 2**20) -> Iterator[dict[str, torch.Tensor]]:
         """All tensors in model order, read in batches of about `max_bytes`."""
         batch: list[str] = []
         size = 0
         for name in self.names():
-            nbytes = torch.Size(self._shapes[name]).numel() * self.dtype(name).itemsize
-            if batch and size + nbytes > max_bytes:
+            if batch and size + self.nbytes(name) > max_bytes:
                 yield self.get_many(batch)
                 batch, size = [], 0
             batch.append(name)
-            size += nbytes
+            size += self.nbytes(name)
         if batch:
             yield self.get_many(batch)
 
-    def _load_regions(self, regions: list[tuple[Piece, torch.Tensor]]) -> None:
-        by_key: dict[str, list[CheckpointableShardedTensor]] = defaultdict(list)
-        for piece, buffer in regions:
-            sharded = ShardedTensor(
-                key=piece.key,
-                data=buffer,
-                dtype=buffer.dtype,
-                local_shape=tuple(buffer.shape),
-                global_shape=piece.global_shape,
-                global_offset=piece.global_offset,
-                axis_fragmentations=None,
-            )
-            by_key[piece.key].append(CheckpointableShardedTensor.from_sh_ten(sharded))
-        state = {key: parts[0] if len(parts) == 1 else LocalShardsContainer(parts) for key, parts in by_key.items()}
-        planner = dcp.DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
+    def _stored(self, key: str) -> TensorStorageMetadata:
+        found = self._reader.read_metadata().state_dict_metadata.get(key)
+        if not isinstance(found, TensorStorageMetadata):
+            raise CheckpointError(f"{self.directory.checkpoint}: lacks tensor {key}")
+        return found
+
+    def _read_piece(self, piece: Piece, target: torch.Tensor) -> None:
+        """One region of a checkpoint key into `target`, from every stored chunk overlapping it."""
+        stored = self._stored(piece.key)
+        box = ChunkStorageMetadata(torch.Size(piece.global_offset), torch.Size(piece.chunk_shape))
+        target = target.view(piece.chunk_shape) if target.is_contiguous() else target[(None,) * piece.prepend_axes]
+        covered = 0
+        for chunk in stored.chunks:
+            overlap = _overlap(box, chunk)
+            if overlap is None:
+                continue
+            if chunk == box and target.is_contiguous() and target.dtype == stored.properties.dtype:
+                self._read_chunk(piece.key, chunk, target)
+            else:
+                buffer = self._new(tuple(chunk.sizes), stored.properties.dtype)
+                self._read_chunk(piece.key, chunk, buffer)
+                target[overlap[0]].copy_(buffer[overlap[1]])
+                if self.pool is not None:
+                    self.pool.release(buffer)
+            covered += math.prod(s.stop - s.start for s in overlap[0])
+        if covered != math.prod(piece.chunk_shape):
+            raise CheckpointError(f"{self.directory.checkpoint}: stored chunks of {piece.key} do not cover it")
+
+    def _read_chunk(self, key: str, chunk: ChunkStorageMetadata, out: torch.Tensor) -> None:
+        metadata = self._reader.read_metadata()
+        info = metadata.storage_data[MetadataIndex(key, chunk.offsets)]
+        path = self.directory.checkpoint / info.relative_path
         try:
-            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-                warnings.filterwarnings("ignore", message=".*load in a single process.*")
-                dcp.load(state, storage_reader=self._reader, planner=planner, no_dist=True)
-        except BaseException as err:  # DCP wraps failures in CheckpointException (a BaseException)
-            if isinstance(err, KeyboardInterrupt):
-                raise
-            raise CheckpointError(f"{self.directory.checkpoint}: cannot read {', '.join(by_key)} ({err})") from None
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as err:
+            raise CheckpointError(f"{path}: cannot open ({err.strerror}), needed for {key}") from None
+        try:
+            read_record_into(fd, info.offset, info.length, out)
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot read {key} ({err})") from None
+        finally:
+            os.close(fd)
+
+    def _new(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return self.pool.tensor(shape, dtype) if self.pool is not None else torch.empty(shape, dtype=dtype)
 
     def _layout(self) -> dict[str, list[Piece]]:
         if self._pieces is None:
@@ -176,3 +195,15 @@ class McoreTensorSource:
             )
         self._shapes = {name: tuple(tensor.shape) for name, tensor in index.tensors.items()}
         return {name: parts for name, parts in pieces.items() if parts}
+
+
+def _overlap(box: ChunkStorageMetadata, chunk: ChunkStorageMetadata) -> tuple[tuple[slice, ...], ...] | None:
+    """(slices into the box, slices into the chunk) of their intersection, or None."""
+    in_box, in_chunk = [], []
+    for b0, bn, c0, cn in zip(box.offsets, box.sizes, chunk.offsets, chunk.sizes, strict=True):
+        lo, hi = max(b0, c0), min(b0 + bn, c0 + cn)
+        if lo >= hi:
+            return None
+        in_box.append(slice(lo - b0, hi - b0))
+        in_chunk.append(slice(lo - c0, hi - c0))
+    return tuple(in_box), tuple(in_chunk)

@@ -5,6 +5,8 @@ Two modes, same report:
 - layerwise: one decoder layer at a time on both sides, fed the same (HF) input, then freed; memory is one
   layer plus embeddings, the route to checking the 355B model on a CPU machine.
 The MTP layer is checked against its formula (hf_reference.mtp_logits), since transformers has no MTP forward.
+FP8 checkpoints are compared against their dequantised weights (fp8.py), layerwise: transformers cannot run them
+on CPU, and the HF side of the layerwise check reads weights through our (dequantising) reader.
 
 Thresholds (README "Precision"): fp32 max |logits diff| <= 1e-4 and per-layer max |hidden diff| <= 1e-4 on the
 tiny models; bf16 compares mean |logits diff| <= 0.1 and argmax agreement >= 0.9 (kernels round and routing
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from glm45_train.convert import hf_reference
+from glm45_train.convert.fp8 import DequantisingReader
 from glm45_train.convert.tensor_source import HFTensorSource, TensorSource, load_weights
 from glm45_train.model.hf_config import Glm45Config, to_transformer_config
 
@@ -129,8 +132,12 @@ def check(
 
     distributed.initialize()
     ids = sample_tokens(hf_dir) if input_ids is None else input_ids
-    run = _compare_layerwise if layerwise else _compare_full
+    run = _compare_layerwise if layerwise or _is_fp8(Path(hf_dir)) else _compare_full
     return run(Path(hf_dir), source, ids, dtype)
+
+
+def _is_fp8(hf_dir: Path) -> bool:
+    return isinstance(HFTensorSource(hf_dir).reader, DequantisingReader)
 
 
 def _megatron_model(hf: Glm45Config, dtype: str, meta: bool):

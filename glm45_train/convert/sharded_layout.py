@@ -18,6 +18,7 @@ empty (None, which TE's `set_extra_state` ignores). Unused objects in a checkpoi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ from glm45_train.model.hf_config import Glm45Config, to_transformer_config
 if TYPE_CHECKING:
     from megatron.core.models.gpt import GPTModel
 
+_DECODER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _LOCAL_FUSED_NORM = "mlp.linear_fc1.layer_norm_weight"
 _MOE_NORM = "pre_mlp_layernorm.weight"
 _ROUTER = "mlp.router.weight"
@@ -95,8 +97,15 @@ def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def te_style_sharded_state_dict(model: GPTModel, *, for_save: bool) -> dict[str, Any]:
-    """`model.sharded_state_dict()` with TE-style checkpoint keys (plus TE norms' empty extra state when saving)."""
-    sharded = model.sharded_state_dict()
+    """`model.sharded_state_dict()` with TE-style checkpoint keys (plus TE norms' empty extra state when saving).
+
+    The metadata names the data-parallel group explicitly: megatron-core 0.16.1's GPTModel reads
+    `metadata["dp_cp_group"]` itself when the MTP layer sits on a later pipeline stage than the embedding, and
+    fails on the default `None`.
+    """
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+    sharded = model.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
     te_style_keys(sharded)
     if for_save:
         sharded.update(te_norm_extra_states(sharded))
@@ -132,18 +141,20 @@ def storage_key(tensor: torch.Tensor) -> int:
 
 
 class TensorIndex:
-    """Which model tensor (state_dict name, experts renamed to their global index) a view belongs to."""
+    """Which model tensor a view belongs to, by its full-model name: state_dict name with experts renamed to their
+    global index and, on later pipeline stages, decoder layers to their global number."""
 
     def __init__(self, model: GPTModel) -> None:
         from megatron.core import parallel_state as ps
 
         ep_rank, ep_size = ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
         local_experts = (model.config.num_moe_experts or 0) // ep_size
+        global_layer = _global_layer_names(model)
         self.tensors: dict[str, torch.Tensor] = {}
         self._by_storage: dict[int, str] = {}
         for name, tensor in model.state_dict(keep_vars=True).items():
             if isinstance(tensor, torch.Tensor):
-                full_name = global_expert_name(name, ep_rank, local_experts)
+                full_name = global_expert_name(global_layer(name), ep_rank, local_experts)
                 self.tensors[full_name] = tensor
                 self._by_storage[storage_key(tensor)] = full_name
 
@@ -155,6 +166,15 @@ class TensorIndex:
 
     def offset_in_tensor(self, view: torch.Tensor) -> int:
         return int(view.storage_offset() - self.tensors[self.name_of(view)].storage_offset())
+
+
+def _global_layer_names(model: torch.nn.Module):
+    """Renames `decoder.layers.<local>.` to the layer's global number (`layer_number` is 1-based and global)."""
+    layers = getattr(getattr(model, "decoder", None), "layers", None) or []
+    numbers = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(layers)}
+    if all(local == number for local, number in numbers.items()):
+        return lambda name: name
+    return lambda name: _DECODER_LAYER.sub(lambda m: f"decoder.layers.{numbers[m.group(1)]}.", name, count=1)
 
 
 def sharded_tensors(sharded: dict[str, Any]) -> Iterator[Any]:

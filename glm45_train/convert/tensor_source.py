@@ -1,9 +1,12 @@
 """Where full (unsharded) Megatron tensors come from, and filling Megatron modules from them.
 
 A tensor source answers `get(mcore_name)` with the full TP=1/EP=1 tensor for a GPTModel state_dict name of
-the local (CPU) layer spec. `HFTensorSource` converts from an HF checkpoint through the mapping table; an mcore
-checkpoint source (convert/mcore_io.py) reads a torch_dist checkpoint. `load_weights` fills any submodule of a
-built model (one layer at a time in the layerwise precision check), honouring the EP rank's expert offset.
+the local (CPU) layer spec. `HFTensorSource` converts from an HF checkpoint through the mapping table, reading
+each HF tensor's rows straight into their place in the mcore tensor (`Glm45Mapping.row_runs`), dequantising FP8
+checkpoints on the way (fp8.py); given a `BufferPool`, results live in pooled buffers the caller releases.
+An mcore checkpoint source (convert/mcore_read.py) reads a torch_dist checkpoint. `load_weights` fills any
+submodule of a built model (one layer at a time in the layerwise precision check), honouring the EP rank's
+expert offset.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from typing import Protocol
 
 import torch
 
-from glm45_train.convert.hf_io import HFCheckpointReader
+from glm45_train.convert.fp8 import open_hf_reader
 from glm45_train.convert.mapping import Glm45Mapping, MappingError
+from glm45_train.convert.pipeline import BufferPool
 from glm45_train.model.hf_config import Glm45Config
 
 # Buffers that are runtime state, not weights.
@@ -31,14 +35,24 @@ class TensorSource(Protocol):
 class HFTensorSource:
     """Full mcore tensors converted on demand from an HF checkpoint directory."""
 
-    def __init__(self, hf_dir, spec: str = "local") -> None:
-        self.reader = HFCheckpointReader(hf_dir)
+    def __init__(self, hf_dir, spec: str = "local", pool: BufferPool | None = None) -> None:
         self.hf = Glm45Config.from_file(hf_dir)
+        self.reader = open_hf_reader(hf_dir)
         self.mapping = Glm45Mapping(self.hf, spec)  # type: ignore[arg-type]
         self.mapping.check_hf_names(self.reader.names())
+        self.pool = pool
 
     def get(self, mcore_name: str) -> torch.Tensor:
-        return self.mapping.to_mcore(mcore_name, self.reader.get)
+        """The mcore tensor, in its HF parts' dtype (in a pooled buffer when the source has a pool)."""
+        runs = self.mapping.row_runs(mcore_name)
+        for hf_name, _ in runs:
+            self.mapping.check_shape(hf_name, torch.empty(self.reader.shape_and_dtype(hf_name)[0], device="meta"))
+        shape, dtype = self.mapping.mcore_shape(mcore_name), self.reader.torch_dtype(runs[0][0])
+        out = self.pool.tensor(shape, dtype) if self.pool is not None else torch.empty(shape, dtype=dtype)
+        for hf_name, part_runs in runs:
+            for hf_row, mcore_row, rows in part_runs:
+                self.reader.read_into(hf_name, out[mcore_row : mcore_row + rows], row=hf_row)
+        return out
 
 
 def global_expert_name(name: str, ep_rank: int, local_experts: int) -> str:

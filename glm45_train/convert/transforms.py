@@ -10,11 +10,20 @@ Legend: H hidden, d head_dim, nq query heads, ng KV heads (query groups), r = nq
   [gate_r; up_r] interleave never reaches the checkpoint.
 - `identity`: same tensor, same name semantics.
 All functions return new tensors (or views) and never change dtype.
+
+Every transform only moves whole rows (slices along dim 0). `row_runs` derives, from a merge function itself,
+where each part's rows land in the merged tensor, as a few contiguous runs: streaming conversion then reads
+each run from disk straight into its place (and writes each back from its place) with no intermediate tensor,
+while the layout knowledge stays in the functions above.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
+
+Run = tuple[int, int, int]  # (row in the part, row in the merged tensor, number of rows)
 
 
 def qkv_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_query_groups: int) -> torch.Tensor:
@@ -52,3 +61,22 @@ def gate_up_split(fc1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"linear_fc1 has an odd number of rows ({fc1.shape[0]})")
     gate, up = torch.chunk(fc1, 2, dim=0)
     return gate, up
+
+
+def row_runs(merge: Callable[..., torch.Tensor], part_rows: Sequence[int]) -> list[list[Run]]:
+    """For each part of `merge(*parts)` (parts of `part_rows` rows), the runs of rows it occupies in the result.
+
+    Computed by merging row tags ([part, row] pairs) instead of data, so it holds for any trailing shape.
+    """
+    tags = [torch.stack([torch.full((n,), i), torch.arange(n)], dim=1) for i, n in enumerate(part_rows)]
+    merged = merge(*tags)
+    part, row = merged[:, 0], merged[:, 1]
+    breaks = (part[1:] != part[:-1]) | (row[1:] != row[:-1] + 1)
+    starts = [0, *(torch.nonzero(breaks).flatten() + 1).tolist()]
+    ends = [*starts[1:], len(merged)]
+    runs: list[list[Run]] = [[] for _ in part_rows]
+    for start, end in zip(starts, ends, strict=True):
+        runs[int(part[start])].append((int(row[start]), start, end - start))
+    if [sum(n for _, _, n in r) for r in runs] != list(part_rows):
+        raise ValueError("merge does not move whole rows of every part exactly once")
+    return runs

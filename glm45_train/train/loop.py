@@ -120,7 +120,9 @@ def train_step(trainer: Trainer, batches: list[Batch]) -> dict[str, float]:
     trainer.scheduler.step(increment=1)
     seconds = time.perf_counter() - started
     all_tokens = sum(b.tokens.numel() for b in batches) * trainer.dp_size  # positions processed, padding included
+    extra = {"mfu": _mfu(trainer, batches, all_tokens / seconds)} if torch.cuda.is_available() else {}
     return {
+        **extra,
         "loss": loss_sum / max(tokens, 1.0),
         "lr": lr,
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -129,6 +131,16 @@ def train_step(trainer: Trainer, batches: list[Batch]) -> dict[str, float]:
         "tokens_per_s": all_tokens / seconds,
         "step_seconds": seconds,
     }
+
+
+def _mfu(trainer: Trainer, batches: list[Batch], tokens_per_s: float) -> float:
+    from glm45_train.train.mfu import flops_per_token, peak_flops
+
+    peak = peak_flops(torch.cuda.get_device_name())
+    if peak is None:
+        return float("nan")
+    per_token = flops_per_token(trainer.hf, batches[0].tokens.shape[1], trainer.recipe.train.mtp_loss_weight > 0)
+    return per_token * tokens_per_s / (peak * dist.get_world_size())
 
 
 def evaluate(trainer: Trainer, plan: BatchPlan, collation: Collation) -> float | None:

@@ -1,0 +1,103 @@
+"""The text `glm45-train plan` prints: layout, memory per GPU by kind (worst pipeline stage), fit, step time."""
+
+from __future__ import annotations
+
+from glm45_train.launch.plan import CONTEXT_GIB, GIB, RESERVE_FRACTION, Plan, StageMemory
+
+TIGHT = 0.05  # headroom below this share of the GPU's memory is flagged
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:7.2f} GiB"
+
+
+def format_plan(result: Plan, source: str, gpus_needed: int | None) -> str:
+    recipe, p = result.recipe, result.recipe.parallel
+    lines = [f"plan: {source}", f"  model: {_model_line(result)}", f"  layout: {_layout_line(result)}"]
+    worst = result.worst
+    where = f"stage {worst.stage} of {p.pp}" if p.pp > 1 else "every GPU"
+    lines.append(f"memory per GPU on {result.gpu.name} ({result.gpu.memory_gib:.1f} GiB), {where}:")
+    lines += _memory_lines(result, worst)
+    lines.append(f"  {'total':<18}{_gib(worst.total)}   -> {_verdict(result)}")
+    if p.pp > 1:
+        per_stage = ", ".join(f"{stage.total / GIB:.1f}" for stage in result.stages)
+        lines.append(f"  per stage (GiB): {per_stage}")
+    if gpus_needed is None:
+        lines.append(f"GPUs needed: none with this layout fits {result.gpu.name}; raise ep, pp or tp")
+    else:
+        lines.append(f"GPUs needed: {gpus_needed} (smallest valid world for this layout that fits)")
+    lines.append(_step_line(result))
+    if recipe.train.recompute != "full":
+        lines.append(f"note: train.recompute = {recipe.train.recompute}; 'full' keeps only layer inputs")
+    return "\n".join(lines)
+
+
+def _model_line(result: Plan) -> str:
+    recipe, hf = result.recipe, result.hf
+    mtp = "MTP built" if result.mtp_built else "MTP not built (train.mtp_loss_weight = 0)"
+    total = f"{result.total_params / 1e9:.1f}B parameters, {hf.num_hidden_layers} layers, {mtp}"
+    if not recipe.lora.enabled:
+        return f"{total}; full SFT: all trained ({recipe.model.dtype})"
+    targets = ", ".join(recipe.lora.targets)
+    return f"{total}; LoRA r{recipe.lora.rank} on {targets}: {result.trained_params / 1e6:.1f}M trained"
+
+
+def _layout_line(result: Plan) -> str:
+    p = result.recipe.parallel
+    sp = ", sp" if p.sp else ""
+    return (
+        f"{result.world} GPUs = tp {p.tp} x pp {p.pp} x cp {p.cp} x dp {result.dp}{sp}; "
+        f"ep {p.ep} x etp {p.etp} (expert dp {result.expert_dp}); "
+        f"{result.microbatches} micro-batches per step per DP rank"
+    )
+
+
+def _memory_lines(result: Plan, stage: StageMemory) -> list[str]:
+    recipe = result.recipe
+    dtype = recipe.model.dtype
+    sharded = "/ dp" if recipe.train.distributed_optimizer else "not sharded"
+    rows = [
+        (
+            "weights",
+            stage.weights,
+            f"frozen {dtype} {stage.frozen_weights / GIB:.2f}, trained {stage.trained_weights / GIB:.2f}",
+        ),
+        ("gradients", stage.gradients, "fp32 grad buffer of trained parameters"),
+        ("optimizer states", stage.optimizer, f"Adam m, v + fp32 master copies, {sharded}"),
+        ("activations", stage.activations, _activation_detail(result, stage)),
+        (
+            "buffers/overheads",
+            stage.overheads,
+            f"CUDA context + workspaces {CONTEXT_GIB:.1f}, allocator "
+            f"reserve {RESERVE_FRACTION:.0%} of allocated {stage.reserve / GIB:.2f}",
+        ),
+    ]
+    return [f"  {name:<18}{_gib(value)}   ({detail})" for name, value, detail in rows]
+
+
+def _activation_detail(result: Plan, stage: StageMemory) -> str:
+    t = result.recipe.train
+    kept = "layer inputs" if t.recompute == "full" else "saved activations"
+    return (
+        f"{t.recompute} recompute: {kept} {stage.kept_activations / GIB:.2f}, working set "
+        f"{stage.working_activations / GIB:.2f}, loss logits {stage.logits / GIB:.2f}"
+    )
+
+
+def _verdict(result: Plan) -> str:
+    capacity = result.gpu.memory_gib * GIB
+    headroom = capacity - result.worst.total
+    if headroom < 0:
+        return f"does NOT fit ({-headroom / GIB:.1f} GiB over)"
+    tight = " (tight: the estimate is +-10%)" if headroom < TIGHT * capacity else ""
+    return f"fits, {headroom / GIB:.1f} GiB headroom{tight}"
+
+
+def _step_line(result: Plan) -> str:
+    flops = result.tokens_per_step * result.flops_per_token
+    gpu = result.gpu
+    return (
+        f"step time: ~{result.step_seconds():.0f} s ({flops / 1e15:.1f} PFLOP per step = "
+        f"{result.tokens_per_step:,} tokens x {result.flops_per_token / 1e9:.0f} GFLOP/token; "
+        f"{result.world} x {gpu.peak_tflops:.0f} TFLOP/s bf16 at MFU {gpu.mfu:.2f})"
+    )

@@ -1,0 +1,236 @@
+"""`data prepare` end to end on the sample data: files on disk, report, modes, bad data, over-length."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from glm45_train.cli import data as data_cli
+from glm45_train.data.chat import RenderOptions, parse_mode, render_conversation, without_reasoning
+from glm45_train.data.conversation import DataError, Reason
+from glm45_train.data.pack import pack_first_fit_decreasing
+from glm45_train.data.prepare import PrepareOptions, prepare_dataset, render_samples
+from glm45_train.data.prepared import load_prepared
+from glm45_train.data.sources import iter_conversations
+from glm45_train.errors import UserError
+
+BAD_RECORDS = Path(__file__).parent / "data" / "bad_records.jsonl"
+SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "sample_distill.jsonl"
+
+
+def _prepare(tokenizer_dir, out, inputs=None, **options):
+    options.setdefault("max_length", 1024)
+    options.setdefault("show_progress", False)
+    return prepare_dataset(inputs or [SAMPLE_DATA], tokenizer_dir, out, PrepareOptions(**options))
+
+
+def _report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text(encoding="utf-8"))
+
+
+def test_samples_on_disk_are_the_rendered_conversations(tiny_tokenizer_dir, chat_tokenizer, tmp_path):
+    out = tmp_path / "keep"
+    _prepare(tiny_tokenizer_dir, out)
+    dataset = load_prepared(out)
+    conversations = list(iter_conversations([SAMPLE_DATA]))
+    assert len(dataset) == dataset.num_samples == len(conversations)
+    for index, conversation in enumerate(conversations):
+        expected = render_conversation(conversation, chat_tokenizer)
+        ids, trained = dataset.sample(index)
+        assert ids.tolist() == expected.input_ids and trained.astype(int).tolist() == expected.loss_mask
+    example = dataset[0]
+    assert example.labels[:-1].tolist() == example.input_ids[1:].tolist()
+    assert example.loss_mask.tolist() == [*dataset.sample(0)[1][1:].astype(float), 0.0]
+    metadata = dataset.metadata
+    assert (metadata["mode"], metadata["packed"], metadata["max_length"]) == ("keep", False, 1024)
+    assert metadata["tokenizer"]["chat_template_is_official"] is True
+    assert metadata["pad_token_id"] == chat_tokenizer.token_to_id("<|endoftext|>")
+
+
+def test_packed_rows_hold_whole_samples(tiny_tokenizer_dir, tmp_path):
+    out = tmp_path / "packed"
+    report = _prepare(tiny_tokenizer_dir, out, pack=True)
+    dataset = load_prepared(out)
+    lengths = [len(dataset.sample(i)[0]) for i in range(dataset.num_samples)]
+    rows = [dataset.samples_in_row(r) for r in range(len(dataset))]
+    assert rows == pack_first_fit_decreasing(lengths, 1024)
+    assert len(dataset) < dataset.num_samples
+    for r, samples in enumerate(rows):
+        example = dataset[r]
+        assert example.seq_lengths == tuple(lengths[i] for i in samples)
+        assert example.input_ids.tolist() == np.concatenate([dataset.sample(i)[0] for i in samples]).tolist()
+        assert len(example.input_ids) <= 1024
+    summary = _report(out)
+    assert summary["packing"]["real_token_fraction"] == pytest.approx(sum(lengths) / (len(rows) * 1024))
+    assert summary["records"] == {"read": 40, "kept": 40, "dropped": 0, "changed": 0}
+    assert report.samples_kept == 40
+
+
+def test_non_thinking_mode_trains_empty_think_and_appends_nothink(tiny_tokenizer_dir, chat_tokenizer, tmp_path):
+    out = tmp_path / "non_thinking"
+    _prepare(tiny_tokenizer_dir, out, mode=parse_mode("non-thinking"))
+    dataset = load_prepared(out)
+    think_id, end_think_id = chat_tokenizer.token_to_id("<think>"), chat_tokenizer.token_to_id("</think>")
+    user_id, nothink_id = chat_tokenizer.token_to_id("<|user|>"), chat_tokenizer.token_to_id("/nothink")
+    for index in range(dataset.num_samples):
+        ids = dataset.sample(index)[0].tolist()
+        starts = [i for i, t in enumerate(ids) if t == think_id]
+        assert starts and all(ids[i + 1] == end_think_id for i in starts)  # every think block is empty
+        assert ids.count(nothink_id) == ids.count(user_id)  # each user turn carries /nothink
+    summary = _report(out)
+    assert summary["mode"]["non_thinking_samples"] == 40
+    assert summary["changed_by_reason"] == {"reasoning_removed": summary["records"]["changed"]}
+    assert summary["records"]["changed"] >= 10
+    assert load_prepared(out).metadata["mode"] == "non-thinking"
+
+
+def test_mixed_mode_is_seeded(tiny_tokenizer_dir, tmp_path):
+    counts = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        _prepare(tiny_tokenizer_dir, tmp_path / name, mode=parse_mode("mixed:0.5"), seed=seed)
+        counts.append(Path(tmp_path / name / "tokens.bin").read_bytes())
+    assert counts[0] == counts[1] and counts[0] != counts[2]
+    chosen = _report(tmp_path / "a")["mode"]["non_thinking_samples"]
+    assert 5 < chosen < 35
+    assert load_prepared(tmp_path / "a").metadata["mode"] == "mixed:0.5"
+    with pytest.raises(UserError, match="mode 'mixed:2'"):
+        parse_mode("mixed:2")
+
+
+def test_no_train_empty_think_trains_fewer_tokens(tiny_tokenizer_dir, tmp_path):
+    with_think = _prepare(tiny_tokenizer_dir, tmp_path / "a", mode=parse_mode("non-thinking"))
+    without = _prepare(tiny_tokenizer_dir, tmp_path / "b", mode=parse_mode("non-thinking"), train_empty_think=False)
+    assert without.tokens == with_think.tokens and without.trained_tokens < with_think.trained_tokens
+
+
+def test_bad_records_are_skipped_and_each_one_reported(tiny_tokenizer_dir, tmp_path):
+    out = tmp_path / "bad"
+    _prepare(tiny_tokenizer_dir, out, inputs=[BAD_RECORDS])
+    summary = _report(out)
+    dropped = [(p["line"], p["reason"]) for p in summary["problems"] if p["action"] == "dropped"]
+    assert [line for line, _ in dropped] == [2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 15, 16]
+    assert summary["records"] == {"read": 15, "kept": 2, "dropped": 13, "changed": 0}
+    assert summary["dropped_by_reason"]["wrong_type"] == 5
+
+
+def test_on_error_fail_stops_at_the_first_bad_line_and_writes_nothing(tiny_tokenizer_dir, tmp_path):
+    out = tmp_path / "fail"
+    with pytest.raises(DataError, match=r"bad_records.jsonl:2: malformed_json"):
+        _prepare(tiny_tokenizer_dir, out, inputs=[BAD_RECORDS], on_error="fail")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overlong_policies(tiny_tokenizer_dir, tmp_path):
+    dropped = _prepare(tiny_tokenizer_dir, tmp_path / "drop", max_length=200)
+    summary = _report(tmp_path / "drop")
+    assert summary["dropped_by_reason"] == {"overlong": 40 - dropped.samples_kept} and dropped.samples_kept < 40
+    truncated = _prepare(tiny_tokenizer_dir, tmp_path / "cut", max_length=200, overlong="truncate")
+    cut = _report(tmp_path / "cut")
+    changes = [p for p in cut["problems"] if p["reason"] == "truncated"]
+    # Truncation keeps a sample unless nothing trained is left in the first 200 tokens (then it is dropped).
+    assert truncated.samples_kept + cut["dropped_by_reason"].get("overlong", 0) == 40
+    assert truncated.samples_kept > dropped.samples_kept
+    assert len(changes) == cut["records"]["changed"] == truncated.samples_kept - dropped.samples_kept
+    assert all("trained tokens removed" in p["detail"] for p in changes)
+    assert truncated.max_sample_tokens == 200
+    with pytest.raises(DataError, match=r"sample_distill.jsonl:\d+: overlong: \d+ tokens > max_length 200"):
+        _prepare(tiny_tokenizer_dir, tmp_path / "error", max_length=200, overlong="error")
+
+
+def test_output_dir_is_replaced_only_if_it_is_a_prepared_dataset(tiny_tokenizer_dir, tmp_path):
+    out = tmp_path / "out"
+    _prepare(tiny_tokenizer_dir, out)
+    _prepare(tiny_tokenizer_dir, out, pack=True)
+    assert load_prepared(out).metadata["packed"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="precious: exists and is not a prepared dataset"):
+        _prepare(tiny_tokenizer_dir, precious)
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_render_samples_thinking_off_is_the_non_thinking_mode(tiny_tokenizer_dir, chat_tokenizer):
+    rendered = list(render_samples([SAMPLE_DATA], tiny_tokenizer_dir, RenderOptions(thinking=False)))
+    expected = [
+        render_conversation(without_reasoning(c)[0], chat_tokenizer, RenderOptions(thinking=False))
+        for c in iter_conversations([SAMPLE_DATA])
+    ]
+    assert rendered == expected
+    with pytest.raises(DataError) as error:
+        list(render_samples([BAD_RECORDS], tiny_tokenizer_dir, RenderOptions()))
+    assert error.value.reason == Reason.MALFORMED_JSON and error.value.origin.line == 2
+
+
+def _cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="glm45-train")
+    data_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_render_and_prepare(tiny_tokenizer_dir, tmp_path, capsys):
+    assert _cli("data", "render", str(SAMPLE_DATA), "--tokenizer", str(tiny_tokenizer_dir), "--thinking", "off") == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 40 and set(lines[0]) == {"text", "input_ids", "loss_mask"}
+    assert lines[0]["text"].startswith("[gMASK]<sop><|user|>") and "/nothink" in lines[0]["text"]
+    out = tmp_path / "prepared"
+    argv = [
+        "data",
+        "prepare",
+        str(SAMPLE_DATA),
+        "--tokenizer",
+        str(tiny_tokenizer_dir),
+        "--output-dir",
+        str(out),
+    ]
+    argv += [
+        "--max-length",
+        "512",
+        "--mode",
+        "mixed:0.3",
+        "--pack",
+        "--overlong",
+        "truncate",
+        "--no-progress",
+    ]
+    assert _cli(*argv) == 0
+    printed = capsys.readouterr().out
+    assert f"into {out}" in printed and "report.json" in printed
+    assert load_prepared(out).metadata["mode"] == "mixed:0.3"
+    with pytest.raises(DataError, match=r"bad_records\.jsonl:2"):
+        _cli("data", "render", str(BAD_RECORDS), "--tokenizer", str(tiny_tokenizer_dir))
+
+
+def test_tokenizer_dir_must_hold_a_glm_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.BPE()).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(UserError, match=r"not a GLM-4.5 tokenizer.*\[gMASK\]"):
+        _prepare(tmp_path, tmp_path / "out")
+    shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def test_metadata_says_whether_the_tokenizer_ships_the_official_template(tiny_tokenizer_dir, tmp_path):
+    tokenizer_dir = tmp_path / "tokenizer"
+    shutil.copytree(tiny_tokenizer_dir, tokenizer_dir)
+    (tokenizer_dir / "chat_template.jinja").unlink()  # the template then comes from tokenizer_config.json
+    _prepare(tokenizer_dir, tmp_path / "a")
+    assert load_prepared(tmp_path / "a").metadata["tokenizer"]["chat_template_is_official"] is True
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["chat_template"] = config["chat_template"].replace("/nothink", "/no_think")
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    _prepare(tokenizer_dir, tmp_path / "b")
+    assert load_prepared(tmp_path / "b").metadata["tokenizer"]["chat_template_is_official"] is False
+
+
+def test_missing_inputs_fail_before_any_work(tiny_tokenizer_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.jsonl: input does not exist"):
+        _prepare(tiny_tokenizer_dir, tmp_path / "out", inputs=[SAMPLE_DATA, tmp_path / "nowhere.jsonl"])
+    assert list(tmp_path.iterdir()) == []
