@@ -32,34 +32,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from glm45_train.model.releases import RELEASED_CONFIGS  # noqa: E402  (after the path insert)
 
-AIR = dict(
-    architectures=["Glm4MoeForCausalLM"],
-    model_type="glm4_moe",
-    vocab_size=151552,
-    hidden_size=4096,
-    intermediate_size=10944,
-    moe_intermediate_size=1408,
-    num_attention_heads=96,
-    num_key_value_heads=8,
-    head_dim=128,
-    n_routed_experts=128,
-    n_shared_experts=1,
-    num_experts_per_tok=8,
-    first_k_dense_replace=1,
-    n_group=1,
-    topk_group=1,
-    routed_scaling_factor=1.0,
-    norm_topk_prob=True,
-    partial_rotary_factor=0.5,
-    rope_theta=1000000.0,
-    use_qk_norm=False,
-    attention_bias=True,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-    max_position_embeddings=131072,
-    torch_dtype="bfloat16",
-)
+AIR = {  # the released Air shapes; the benchmark chooses how many layers
+    **{k: v for k, v in RELEASED_CONFIGS["air"].items() if k not in ("num_hidden_layers", "num_nextn_predict_layers")},
+    "architectures": ["Glm4MoeForCausalLM"],
+    "torch_dtype": "bfloat16",
+}
 AIR_STOP_IDS = [151329, 151336, 151338]
 GiB = 2**30
 

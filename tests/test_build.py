@@ -7,19 +7,10 @@ import torch
 
 from glm45_train.model.build import build_model, count_parameters, transformer_engine_usable
 from glm45_train.model.hf_config import Glm45Config, to_transformer_config
+from glm45_train.model.releases import RELEASED_CONFIGS
 from tests.test_hf_config import AIR_RELEASE
 
-GLM45_RELEASE = {
-    **AIR_RELEASE,
-    "hidden_size": 5120,
-    "intermediate_size": 12288,
-    "moe_intermediate_size": 1536,
-    "num_hidden_layers": 92,
-    "n_routed_experts": 160,
-    "first_k_dense_replace": 3,
-    "routed_scaling_factor": 2.5,
-    "use_qk_norm": True,
-}
+GLM45_RELEASE = RELEASED_CONFIGS["glm45"]
 
 
 def independent_count(c: dict) -> tuple[int, int]:

@@ -8,35 +8,10 @@ import pytest
 import torch
 
 from glm45_train.model.hf_config import ConfigError, Glm45Config, to_transformer_config
+from glm45_train.model.releases import RELEASED_CONFIGS
 from glm45_train.model.tiny import tiny_config
 
-AIR_RELEASE = dict(
-    model_type="glm4_moe",
-    vocab_size=151552,
-    hidden_size=4096,
-    intermediate_size=10944,
-    moe_intermediate_size=1408,
-    num_hidden_layers=46,
-    num_attention_heads=96,
-    num_key_value_heads=8,
-    head_dim=128,
-    n_routed_experts=128,
-    n_shared_experts=1,
-    num_experts_per_tok=8,
-    first_k_dense_replace=1,
-    n_group=1,
-    topk_group=1,
-    routed_scaling_factor=1.0,
-    norm_topk_prob=True,
-    partial_rotary_factor=0.5,
-    rope_theta=1000000.0,
-    use_qk_norm=False,
-    attention_bias=True,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-    num_nextn_predict_layers=1,
-    max_position_embeddings=131072,
-)
+AIR_RELEASE = RELEASED_CONFIGS["air"]
 
 
 def test_v5_rope_parameters_read_like_v4_top_level_keys():
