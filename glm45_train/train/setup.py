@@ -143,7 +143,12 @@ def build_trainer(recipe: Recipe, total_steps_for: Any) -> Trainer:
     from glm45_train.model.build import build_model
 
     config = transformer_config(recipe, hf)
-    model = build_model(hf, config)
+    model = build_model(  # each pipeline stage builds only its part (embedding first, output head last)
+        hf,
+        config,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
     load_base_weights(model, recipe.model.source)
     if recipe.lora.enabled:
         from glm45_train.lora import apply_lora
