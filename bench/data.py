@@ -1,6 +1,7 @@
 """Data preparation throughput: `data prepare` against the raw fast tokenizer on the same text, and packing density.
 
     .venv/bin/python bench/data.py [--conversations 10000] [--repeats 3] [--tokenizer DIR] [--update-docs]
+    nice -n -20 .venv/bin/python bench/data.py ...   # on a shared machine (root): ahead of the other jobs
 
 Notable:
 - The input is synthesised from data/sample_distill.jsonl: each copy gets a numbered user turn and its answer
@@ -9,8 +10,8 @@ Notable:
   ceiling for prepare, which also parses JSON, checks, renders, builds masks, writes files and packs.
 - Without --tokenizer the tiny tokenizer is built in a temporary directory (its small vocabulary makes ~2× more
   tokens per character than the release's, so tokens/s are comparable, characters/s are not).
-- Each path runs `--repeats` times, interleaved: rates are the fastest run, the ratio the median of per-repeat
-  ratios, so that other jobs sharing the cores distort the figures less.
+- Each path runs `--repeats` times, interleaved: rates are the fastest run; ratios are best against best and the
+  median of per-repeat ratios (less distorted when other jobs share the cores).
 - --update-docs rewrites the `## Data preparation` section of docs/benchmarks.md with the table printed.
 """
 
@@ -53,21 +54,31 @@ def synthesise(count: int, out: Path, seed: int = 0) -> None:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def time_raw_tokenizer(texts: list[str], tokenizer_dir: Path) -> tuple[float, int]:
-    """Seconds and tokens of encode_batch_fast over the rendered texts (rendering not timed)."""
+class Clock:
+    """Wall-clock seconds of a block."""
+
+    def __enter__(self) -> Clock:
+        self.wall = time.perf_counter()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.wall = time.perf_counter() - self.wall
+
+
+def time_raw_tokenizer(texts: list[str], tokenizer_dir: Path) -> tuple[Clock, int]:
+    """encode_batch_fast over the rendered texts (rendering not timed); returns the clock and the token count."""
     tokenizer = load_chat_tokenizer(tokenizer_dir)
-    start = time.perf_counter()
-    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    tokens = sum(len(e.ids) for e in encodings)
-    return time.perf_counter() - start, tokens
+    with Clock() as clock:
+        encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        tokens = sum(len(e.ids) for e in encodings)
+    return clock, tokens
 
 
-def time_prepare(data: Path, tokenizer_dir: Path, out: Path, pack: bool) -> tuple[float, dict]:
+def time_prepare(data: Path, tokenizer_dir: Path, out: Path, pack: bool) -> tuple[Clock, dict]:
     options = PrepareOptions(max_length=PACK_LENGTH, pack=pack, show_progress=False)
-    start = time.perf_counter()
-    prepare_dataset([data], tokenizer_dir, out, options)
-    seconds = time.perf_counter() - start
-    return seconds, json.loads((out / "report.json").read_text(encoding="utf-8"))
+    with Clock() as clock:
+        prepare_dataset([data], tokenizer_dir, out, options)
+    return clock, json.loads((out / "report.json").read_text(encoding="utf-8"))
 
 
 def run(conversations: int, repeats: int, tokenizer_dir: Path | None) -> str:
@@ -79,40 +90,53 @@ def run(conversations: int, repeats: int, tokenizer_dir: Path | None) -> str:
         data = root / "synthetic.jsonl"
         synthesise(conversations, data)
         texts = [render_text(c, RenderOptions()).text for c in iter_conversations([data])]  # stop included
-        times: dict[str, list[float]] = {"raw": [], "plain": [], "packed": []}
+        clocks: dict[str, list[Clock]] = {"raw": [], "plain": [], "packed": []}
+        load_before = os.getloadavg()[0]
         for _ in range(repeats):  # interleaved, so each repeat's three runs see the same machine load
-            seconds, tokens = time_raw_tokenizer(texts, tokenizer_dir)
-            times["raw"].append(seconds)
-            seconds, plain = time_prepare(data, tokenizer_dir, root / "plain", pack=False)
-            times["plain"].append(seconds)
-            seconds, packed = time_prepare(data, tokenizer_dir, root / "packed", pack=True)
-            times["packed"].append(seconds)
+            clock, tokens = time_raw_tokenizer(texts, tokenizer_dir)
+            clocks["raw"].append(clock)
+            clock, plain = time_prepare(data, tokenizer_dir, root / "plain", pack=False)
+            clocks["plain"].append(clock)
+            clock, packed = time_prepare(data, tokenizer_dir, root / "packed", pack=True)
+            clocks["packed"].append(clock)
+        load = (load_before, os.getloadavg()[0])
     if plain["tokens"]["total"] != tokens:
         raise RuntimeError(f"prepare wrote {plain['tokens']['total']} tokens, the raw tokenizer made {tokens}")
-    return _table(conversations, len(texts), tokens, times, plain, packed)
+    header = (
+        f"`bench/data.py --conversations {conversations} --repeats {repeats}` on {os.cpu_count()} CPU cores "
+        f"({platform.machine()}), tiny tokenizer: {len(texts):,} synthesised conversations, {tokens:,} tokens "
+        f"(mean {tokens / len(texts):,.0f}, max {plain['tokens']['max_per_sample']:,} per sample); load average "
+        f"(1 min) {load[0]:.1f} before, {load[1]:.1f} after{_niceness()}."
+    )
+    return _section(header, len(texts), tokens, clocks, plain, packed)
 
 
-def _table(conversations: int, samples: int, tokens: int, times: dict[str, list[float]], plain, packed) -> str:
+def _niceness() -> str:
+    nice = os.nice(0)
+    return f", run at niceness {nice} (ahead of the other jobs on the machine)" if nice < 0 else ""
+
+
+def _section(header: str, samples: int, tokens: int, clocks: dict[str, list[Clock]], plain, packed) -> str:
     def row(name: str, key: str) -> str:
-        best = min(times[key])
-        ratio = statistics.median(r / t for r, t in zip(times["raw"], times[key], strict=True))
-        return f"| {name} | {samples / best:,.0f} | {tokens / best:,.0f} | {ratio:.2f} |"
+        best = min(c.wall for c in clocks[key])
+        ratio = statistics.median(r.wall / c.wall for r, c in zip(clocks["raw"], clocks[key], strict=True))
+        raw_best = min(c.wall for c in clocks["raw"])
+        return f"| {name} | {samples / best:,.0f} | {tokens / best:,.0f} | {raw_best / best:.2f} | {ratio:.2f} |"
 
     packing = packed["packing"]
     unpacked = plain["packing"]["real_token_fraction"]
-    repeats = len(times["raw"])
     return "\n".join(
         [
             "## Data preparation",
             "",
-            f"`bench/data.py --conversations {conversations} --repeats {repeats}` on {os.cpu_count()} CPU cores "
-            f"({platform.machine()}), tiny tokenizer: {samples:,} synthesised conversations, {tokens:,} tokens "
-            f"(mean {tokens / samples:,.0f}, max {plain['tokens']['max_per_sample']:,} per sample). Rates are the "
-            "fastest repeat; the ratio is the median over repeats of raw time / path time, each repeat running "
-            "the three paths back to back.",
+            header,
+            "Rates and the first ratio: the fastest repeat of each path. Second ratio: median over repeats of raw",
+            "tokenizer time / path time, the three paths running back to back in each repeat. With a load average",
+            "above ~0.5 other jobs were sharing the two cores and both ratios are noisy; rerun on a quiet machine",
+            "with `python bench/data.py --update-docs`.",
             "",
-            "| path | samples/s | tokens/s | × raw tokenizer |",
-            "|---|---:|---:|---:|",
+            "| path | samples/s | tokens/s | × raw (best / best) | × raw (median per repeat) |",
+            "|---|---:|---:|---:|---:|",
             row("raw fast tokenizer (`encode_batch_fast`, rendered text)", "raw"),
             row("`data prepare` (parse, check, render, mask, write)", "plain"),
             row("`data prepare --pack` (+ first-fit decreasing)", "packed"),

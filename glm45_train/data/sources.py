@@ -98,7 +98,7 @@ def _jsonl_records(path: Path) -> Iterator[RecordOrError]:
                 continue
             origin = Origin(str(path), line_number)
             try:
-                yield origin, json.loads(raw.decode("utf-8"))
+                yield origin, json.loads(raw.decode("utf-8").rstrip())
             except UnicodeDecodeError as exc:
                 yield DataError(Reason.MALFORMED_JSON, f"not valid UTF-8 ({exc.reason})", origin)
             except json.JSONDecodeError as exc:
