@@ -8,6 +8,7 @@ on recipes/tiny_lora.yaml once the sft command exists.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -137,6 +138,19 @@ def test_fill_template_is_strict():
         slurm.check_directive_value("--partition", "a b")
 
 
+@pytest.mark.parametrize(("value", "seconds"), [("90", 5400), ("1:30", 90), ("2:00:00", 7200), ("1-2", 93600),
+                                                ("1-0:30", 88200), ("0-00:00:45", 45)])  # fmt: skip
+def test_slurm_time_formats(value, seconds):
+    assert slurm.time_limit_seconds(value) == seconds
+
+
+def test_a_warning_that_could_come_before_the_job_listens_is_refused(tmp_path):
+    spec = slurm.JobSpec(run_dir=tmp_path / "run", workdir=tmp_path, entry=(PROBE,), time="5", signal_seconds=300)
+    with pytest.raises(UserError, match="--signal-seconds 300"):
+        slurm.render_job(spec)
+    slurm.render_job(dataclasses.replace(spec, signal_seconds=240))
+
+
 # --- real jobs on a local Slurm ------------------------------------------------------------------------------
 
 
@@ -224,9 +238,14 @@ def test_usr1_checkpoints_requeues_and_the_restart_resumes(slurm_cluster, tmp_pa
 
 @pytest.mark.slow
 def test_time_limit_signal_requeues_without_help(slurm_cluster, tmp_path):
-    """--time 2 minutes with --signal=B:USR1@90: Slurm itself warns the job, which checkpoints and requeues."""
-    job_id, log = submit_probe(tmp_path / "run", "wait", time="2", signal_seconds=90)
-    assert wait_for_end(job_id, timeout=240) == "COMPLETED", read(log)
+    """--time 3 minutes with --signal=B:USR1@60: Slurm itself warns the job, which checkpoints and requeues.
+
+    Slurm sends the warning up to 60 s early (its time-limit check runs every 30 s and looks one period ahead), so
+    the margin must leave the batch shell time to install its trap: with --time 2 and @90 the signal could come
+    at the job's start, before the trap, and was lost (the job then ran into its limit).
+    """
+    job_id, log = submit_probe(tmp_path / "run", "wait", time="3", signal_seconds=60)
+    assert wait_for_end(job_id, timeout=420) == "COMPLETED", read(log)
     assert re.search(r"restart 1: resumed from step \d+", read(log))
 
 

@@ -24,6 +24,7 @@ from glm45_train.errors import UserError
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
 _FIELD = re.compile(r"\{\{(\w+)\}\}")
 _SAFE_DIRECTIVE = re.compile(r"[A-Za-z0-9_.,:@+=/-]+")
+SIGNAL_RESOLUTION = 60  # Slurm may send --signal's warning up to this many seconds early (sbatch(1))
 _SAFE_TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -168,11 +169,28 @@ def _check_spec(spec: JobSpec) -> None:
         raise UserError("CPU mode (--gpus-per-node 0) needs --procs-per-node >= 1")
     if spec.signal_seconds < 1:
         raise UserError(f"--signal-seconds must be >= 1, got {spec.signal_seconds}")
+    limit = time_limit_seconds(_check_time(spec.time))
+    if limit - spec.signal_seconds < SIGNAL_RESOLUTION:
+        raise UserError(
+            f"--signal-seconds {spec.signal_seconds} leaves less than {SIGNAL_RESOLUTION} s of a --time {spec.time} "
+            f"job before the warning; Slurm may send it that much early, before the job listens for it"
+        )
     if not spec.entry:
         raise ValueError("JobSpec.entry is empty")
     for name, path in (("checkpoint.dir", spec.run_dir), ("working directory", spec.workdir)):
         if not path.is_absolute():
             raise ValueError(f"{name} must be absolute here, got {path}")
+
+
+def time_limit_seconds(value: str) -> int:
+    """Seconds in a Slurm time: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    days, _, clock = value.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:
+        hours, minutes, seconds = [*parts, 0, 0][:3]
+    else:
+        hours, minutes, seconds = {1: [0, parts[0], 0], 2: [0, *parts], 3: parts}[len(parts)]
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 def _check_time(value: str) -> str:
