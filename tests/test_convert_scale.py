@@ -27,7 +27,8 @@ from safetensors import safe_open
 
 from glm45_train.convert import transforms
 from glm45_train.convert.dcp_records import _plain_tensor_spec, crc32_off, read_record_into, write_record
-from glm45_train.convert.hf_io import CheckpointError, StreamingHFWriter
+from glm45_train.convert.direct_io import Appender, read_into
+from glm45_train.convert.hf_io import CheckpointError, HFCheckpointReader, StreamingHFWriter
 from glm45_train.convert.mapping import Glm45Mapping
 from glm45_train.convert.pipeline import ByteBudget, Workers
 from glm45_train.model.hf_config import Glm45Config
@@ -162,6 +163,21 @@ def test_streaming_hf_writer_accepts_rows_in_any_order_from_threads(tmp_path):
                 assert torch.equal(handle.get_tensor(name), tensors[name]), name
 
 
+def test_sequential_hf_writer_appends_in_plan_order_only(tmp_path):
+    tensors = {"a": torch.randn(10, 4), "b": torch.randn(3).to(torch.bfloat16), "c": torch.randn(2, 2)}
+    planned = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    writer = StreamingHFWriter(tmp_path / "out", planned, max_shard_bytes=100, sequential=True)
+    writer.append("a", tensors["a"][:4])
+    with pytest.raises(CheckpointError, match="out of the planned order"):
+        writer.append("b", tensors["b"])  # "a" is not complete yet
+    writer.append("a", tensors["a"][4:])
+    writer.append("b", tensors["b"])
+    writer.append("c", tensors["c"])
+    writer.finish()
+    reader = HFCheckpointReader(tmp_path / "out")
+    assert all(torch.equal(reader.get(name), t) for name, t in tensors.items())
+
+
 def test_streaming_hf_writer_refuses_to_finish_with_missing_rows(tmp_path):
     writer = StreamingHFWriter(tmp_path / "out", [("a", (4, 2), torch.float32)])
     writer.write("a", torch.zeros(2, 2), row=0)
@@ -182,21 +198,38 @@ def test_streaming_hf_writer_refuses_to_finish_with_missing_rows(tmp_path):
 )
 def test_dcp_records_read_back_exactly(tmp_path, tensor):
     path = tmp_path / "r.distcp"
-    with open(path, "wb") as stream, crc32_off():
+    stream = Appender(path)
+    with crc32_off():
         stream.write(b"x" * 13)  # records start anywhere in a .distcp file
         offset, length = write_record(stream, tensor)
+    stream.close()
     raw = path.read_bytes()[offset : offset + length]
     assert torch.equal(as_bytes(torch.load(io.BytesIO(raw), weights_only=True)), as_bytes(tensor))
     out = torch.empty(tensor.shape, dtype=tensor.dtype)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if tensor.dtype == torch.bfloat16:
-            assert _plain_tensor_spec(fd, offset, length) is not None  # the fast path applies
-        read_record_into(fd, offset, length, out)
-    finally:
+    if tensor.dtype == torch.bfloat16:
+        fd = os.open(path, os.O_RDONLY)
+        assert _plain_tensor_spec(fd, offset, length) is not None  # the fast path applies
         os.close(fd)
+    read_record_into(path, offset, length, out)
     assert torch.equal(as_bytes(out), as_bytes(tensor))
     assert length < tensor.numel() * tensor.element_size() + 2048  # the view's bytes only, not its storage
+
+
+@pytest.mark.parametrize("direct", [True, False])  # O_DIRECT, and the buffered fallback (tmpfs and friends)
+def test_direct_io_reads_and_appends_any_byte_range(tmp_path, direct):
+    data = torch.randint(0, 256, (3 * 2**20 + 12345,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    appender = Appender(tmp_path / "f", direct=direct, block=64 * 1024)
+    appender.write(data[:100].numpy().tobytes())  # bytes, then a tensor spanning many blocks
+    appender.write(data[100:])
+    assert appender.tell() == data.numel()
+    appender.close()
+    assert (tmp_path / "f").read_bytes() == data.numpy().tobytes()  # padded blocks truncated away
+    for offset, size in ((0, data.numel()), (4095, 2), (12345, 2**20 + 7), (data.numel() - 3, 3)):
+        out = torch.empty(size, dtype=torch.uint8)
+        read_into(tmp_path / "f", offset, out, direct=direct)
+        assert torch.equal(out, data[offset : offset + size]), (offset, size)
+    with pytest.raises(EOFError):
+        read_into(tmp_path / "f", data.numel() - 3, torch.empty(4, dtype=torch.uint8), direct=direct)
 
 
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:

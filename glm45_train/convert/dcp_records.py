@@ -5,7 +5,8 @@ DCP's filesystem format stores every tensor chunk as one `torch.save` record (a 
 into a BytesIO, `torch.load`s it into fresh memory and copies it into the destination (three passes, two first
 touches). `read_record_into` instead reads the record's zip directory, checks from its pickle that the stored
 tensor is plain (one storage, offset 0, contiguous, the expected dtype and size) and `preadv`s the raw bytes
-straight into the destination; anything else goes through `torch.load` (correct for every record, just slower).
+straight into the destination (direct_io.py); anything else goes through `torch.load` (correct for every record,
+just slower).
 
 `write_record` is `torch.save` without its CRC32 pass: the CRC costs more CPU than the write itself (~0.6 GB/s
 on our CPUs) and `torch.load` never checks it (PyTorch builds miniz without reader CRC checks; see
@@ -22,11 +23,13 @@ import pickle
 import struct
 import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any, cast
 
 import torch
 
-from glm45_train.convert.safetensors_format import byte_view, pread_into
+from glm45_train.convert import direct_io
+from glm45_train.convert.safetensors_format import byte_view
 
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header (30 bytes)
 _STORAGE_DTYPES = {
@@ -134,14 +137,18 @@ def _is_plain(spec: _TensorSpec, out: torch.Tensor) -> bool:
     )
 
 
-def read_record_into(fd: int, offset: int, length: int, out: torch.Tensor) -> None:
-    """Read the tensor record at [offset, offset + length) of an open `.distcp` file into `out` (same shape)."""
-    found = _plain_tensor_spec(fd, offset, length) if out.is_contiguous() else None
-    if found is not None and _is_plain(found[0], out):
-        pread_into(fd, found[1], out)
-        return
-    stream = cast(IO[bytes], _FileSlice(fd, offset, length))
-    tensor = torch.load(stream, map_location="cpu", weights_only=True)
+def read_record_into(path: Path, offset: int, length: int, out: torch.Tensor) -> None:
+    """Read the tensor record at [offset, offset + length) of a `.distcp` file into `out` (same shape)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        found = _plain_tensor_spec(fd, offset, length) if out.is_contiguous() else None
+        if found is not None and _is_plain(found[0], out):
+            direct_io.read_into(path, found[1], out)  # the bulk of the bytes, bypassing the page cache
+            return
+        stream = cast(IO[bytes], _FileSlice(fd, offset, length))
+        tensor = torch.load(stream, map_location="cpu", weights_only=True)
+    finally:
+        os.close(fd)
     if tuple(tensor.shape) != tuple(out.shape):
         raise ValueError(f"record holds shape {tuple(tensor.shape)}, expected {tuple(out.shape)}")
     out.copy_(tensor)
@@ -165,7 +172,7 @@ def exact_storage(tensor: torch.Tensor) -> torch.Tensor:
     return flat.view(tensor.dtype).view(tensor.shape)
 
 
-def write_record(stream: io.BufferedWriter, tensor: torch.Tensor) -> tuple[int, int]:
+def write_record(stream: Any, tensor: torch.Tensor) -> tuple[int, int]:
     """Append one record (call inside `crc32_off()`); returns its (offset, length) in the file."""
     offset = stream.tell()
     torch.save(exact_storage(tensor.contiguous()), stream)

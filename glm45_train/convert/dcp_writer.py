@@ -5,7 +5,8 @@ records, same `.metadata`, written last under a temporary name) except for `writ
 - the calling thread walks the plan one model tensor at a time: it converts the full tensor into a pooled buffer
   (`ChunkSource.acquire`, e.g. reading HF rows straight into place) and queues that tensor's chunks, which are
   views of it whenever the chunk is contiguous;
-- `thread_count` writer threads each append records to their own file (`write_record`: torch.save without CRC);
+- `thread_count` writer threads each append records to their own file (`write_record`: torch.save without CRC,
+  into direct_io.Appender: O_DIRECT blocks, no page cache);
   a tensor's buffer goes back to the pool after its last chunk is written;
 - a byte budget bounds what has been read but not written, so memory does not depend on the model size.
 DCP's stock writer instead resolves items one at a time on each thread with `torch.save` + CRC (CPU-bound at
@@ -29,6 +30,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from glm45_train.convert.dcp_records import crc32_off, write_record
+from glm45_train.convert.direct_io import Appender
 from glm45_train.convert.lazy_save import ChunkSource
 from glm45_train.convert.pipeline import ByteBudget, Workers
 
@@ -45,29 +47,26 @@ class _Job:
 
 
 class _Files:
-    """One output file per writer thread, opened on the thread's first record."""
+    """One output file per writer thread, opened on the thread's first record (O_DIRECT appends)."""
 
     def __init__(self, directory: Path, prefix: str, first_index: int) -> None:
         self.directory, self.prefix, self.next_index = directory, prefix, first_index
-        self.opened: list[tuple[str, io.BufferedWriter]] = []
+        self.opened: list[tuple[str, Appender]] = []
         self._local = threading.local()
         self._lock = threading.Lock()
 
-    def current(self) -> tuple[str, io.BufferedWriter]:
+    def current(self) -> tuple[str, Appender]:
         if not hasattr(self._local, "file"):
             with self._lock:
                 name = f"{self.prefix}{self.next_index}{SUFFIX}"
                 self.next_index += 1
-                self._local.file = (name, open(self.directory / name, "wb"))  # noqa: SIM115  (closed in close())
+                self._local.file = (name, Appender(self.directory / name))
                 self.opened.append(self._local.file)
         return self._local.file
 
     def close(self, sync: bool) -> None:
         for _, stream in self.opened:
-            stream.flush()
-            if sync:
-                os.fsync(stream.fileno())
-            stream.close()
+            stream.close(sync=sync)
 
 
 class StreamingFileSystemWriter(FileSystemWriter):

@@ -39,13 +39,13 @@ def mcore_to_hf(
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 2**30,
     progress: Progress | None = None,
-    thread_count: int = 2,
     max_inflight_bytes: int = 512 * 2**20,
 ) -> ConversionSummary:
     """Export a Megatron checkpoint (with glm45_train.json) to HF safetensors in the source's dtypes.
 
-    The calling thread reads one mcore tensor at a time into a pooled buffer; `thread_count` threads write its
-    HF tensors' rows straight from it to their planned places in the shards (no intermediate tensors).
+    The calling thread reads one mcore tensor at a time into a pooled buffer; a writer thread appends its HF
+    tensors' rows straight from it to the shards, which are planned in exactly that order (no intermediate
+    tensors, sequential O_DIRECT writes).
     """
     out_dir = Path(out_dir)
     progress = progress or NullProgress()
@@ -56,14 +56,16 @@ def mcore_to_hf(
     pool = BufferPool()
     source = McoreTensorSource(mcore_dir, pool=pool)
     mapping = Glm45Mapping(source.hf, "local")
-    hf_dtype = _hf_dtype_lookup(source.directory.metadata)
-    planned = [(name, shape, hf_dtype(name)) for name, shape in hf_tensor_shapes(source.hf)]
+    hf_dtype, shapes = _hf_dtype_lookup(source.directory.metadata), dict(hf_tensor_shapes(source.hf))
+    order = _production_order(source, mapping)
+    mapping.check_hf_names(order)
     staging = fresh_staging_dir(out_dir)
     try:
-        writer = StreamingHFWriter(staging, planned, max_shard_bytes)
+        planned = [(name, shapes[name], hf_dtype(name)) for name in order]
+        writer = StreamingHFWriter(staging, planned, max_shard_bytes, sequential=True)
         progress.start(writer.total_bytes)
         try:
-            summary.tensors = _stream_hf_weights(source, mapping, writer, progress, thread_count, max_inflight_bytes)
+            summary.tensors = _stream_hf_weights(source, mapping, writer, progress, max_inflight_bytes)
             writer.finish()
         finally:
             writer.close()
@@ -78,51 +80,62 @@ def mcore_to_hf(
     return summary.finish()
 
 
+def _copies_of(mapping: Glm45Mapping) -> dict[str, list[str]]:
+    copies: dict[str, list[str]] = {}
+    for copy, original in mapping.copies.items():
+        copies.setdefault(original, []).append(copy)
+    return copies
+
+
+def _production_order(source: McoreTensorSource, mapping: Glm45Mapping) -> list[str]:
+    """HF names in the order the export produces them: per mcore tensor, its parts each followed by its copies."""
+    copies_of, order = _copies_of(mapping), []
+    for name in source.names():
+        for hf_name, _ in mapping.row_runs(name):  # an mcore tensor the table does not know is an error here
+            order += [hf_name, *copies_of.get(hf_name, [])]
+    return order
+
+
 def _stream_hf_weights(
     source: McoreTensorSource,
     mapping: Glm45Mapping,
     writer: StreamingHFWriter,
     progress: Progress,
-    thread_count: int,
     max_inflight_bytes: int,
 ) -> int:
     """Every HF tensor (MTP copies included), read and written concurrently; returns how many were written."""
     budget = ByteBudget(max_inflight_bytes)
-    copies_of: dict[str, list[str]] = {}
-    for copy, original in mapping.copies.items():
-        copies_of.setdefault(original, []).append(copy)
+    copies_of = _copies_of(mapping)
     written = []
 
     def write(job: tuple[str, torch.Tensor, int]) -> None:
         name, tensor, nbytes = job
+        as_dtype = {tensor.dtype: tensor}  # the mcore tensor in each HF dtype its parts need (usually its own)
         for hf_name, runs in mapping.row_runs(name):
-            data = _as_dtype(tensor, writer.dtype(hf_name), source.pool)
+            dtype = writer.dtype(hf_name)
+            if dtype not in as_dtype:
+                as_dtype[dtype] = _new(source.pool, tensor.shape, dtype).copy_(tensor)
             for target in (hf_name, *copies_of.get(hf_name, [])):
-                for hf_row, mcore_row, rows in runs:
-                    writer.write(target, data[mcore_row : mcore_row + rows], row=hf_row)
+                for _, mcore_row, rows in sorted(runs):  # the HF tensor's rows, front to back
+                    writer.append(target, as_dtype[dtype][mcore_row : mcore_row + rows])
                 progress.advance(writer.nbytes(target))
                 written.append(target)
-            if data is not tensor:
-                _release(source.pool, data)
-        _release(source.pool, tensor)
+        for data in as_dtype.values():
+            _release(source.pool, data)
         budget.release(nbytes)
 
-    with Workers(thread_count, write, budget) as workers:
+    with Workers(1, write, budget) as workers:  # one writer: the shards are appended in order
         for name in source.names():
-            expected = mapping.mcore_shape(name)  # also: an mcore tensor the table does not know is an error
+            expected = mapping.mcore_shape(name)
             if source.shape(name) != expected:
                 raise MappingError(f"{name}: checkpoint shape {source.shape(name)}, config.json implies {expected}")
             budget.acquire(source.nbytes(name))
             workers.submit((name, source.get(name), source.nbytes(name)))
-    mapping.check_hf_names(written)
     return len(written)
 
 
-def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype, pool: BufferPool | None) -> torch.Tensor:
-    if tensor.dtype == dtype:
-        return tensor
-    cast = pool.tensor(tensor.shape, dtype) if pool is not None else torch.empty(tensor.shape, dtype=dtype)
-    return cast.copy_(tensor)
+def _new(pool: BufferPool | None, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    return pool.tensor(shape, dtype) if pool is not None else torch.empty(shape, dtype=dtype)
 
 
 def _release(pool: BufferPool | None, tensor: torch.Tensor) -> None:

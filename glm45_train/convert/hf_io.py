@@ -1,8 +1,8 @@
 """Hugging Face checkpoint files: sharded safetensors reading and writing, one tensor (or a few rows) at a time.
 
-Reading (`HFCheckpointReader`) parses each shard's header once and reads a tensor's rows with positioned reads
-straight into a caller's buffer (`read_into`), casting only when the caller asks for another dtype. No file is
-memory-mapped and none is kept open between reads.
+Reading (`HFCheckpointReader`) parses each shard's header once and reads a tensor's rows into a caller's buffer
+(`read_into`, through direct_io.py: O_DIRECT where possible), casting only when the caller asks for another
+dtype. No file is memory-mapped and none is kept open between reads.
 
 Writing comes in two forms, both producing `model-0000i-of-0000N.safetensors` shards plus
 `model.safetensors.index.json`, written under temporary names and renamed only in `finish()` (index last), so an
@@ -24,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from glm45_train.convert import direct_io
 from glm45_train.convert import safetensors_format as st
 from glm45_train.errors import UserError
 
@@ -131,13 +132,10 @@ class HFCheckpointReader:
             )
         target = out if out.dtype == entry.torch_dtype else torch.empty(out.shape, dtype=entry.torch_dtype)
         path = self.directory / self.weight_map[name]
-        fd = os.open(path, os.O_RDONLY)
         try:
-            st.pread_into(fd, entry.start + row * entry.row_bytes, target)
-        except (OSError, st.FormatError) as err:
+            direct_io.read_into(path, entry.start + row * entry.row_bytes, target)
+        except (OSError, EOFError) as err:
             raise CheckpointError(f"{path}: cannot read tensor {name} ({err})") from None
-        finally:
-            os.close(fd)
         if target is not out:
             out.copy_(target)
 
@@ -186,27 +184,46 @@ def _publish_shards(directory: Path, shard_names: list[list[str]], total_bytes: 
 
 
 class StreamingHFWriter:
-    """Shards whose headers are fixed up front; `write` puts a tensor (or rows of it) at its planned place."""
+    """Shards whose headers are fixed up front, written one tensor (or row range) at a time.
 
-    def __init__(self, directory: str | Path, planned: Sequence[Planned], max_shard_bytes: int = 5 * 2**30) -> None:
+    Positioned mode (default): `write(name, rows, row)` puts rows at their planned offset, in any order, from any
+    thread (buffered `pwrite`). Sequential mode: `append(name, rows)` takes the planned tensors' bytes in plan
+    order from one thread and streams each shard front to back through direct_io.Appender (O_DIRECT): plan the
+    tensors in the order you produce them.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        planned: Sequence[Planned],
+        max_shard_bytes: int = 5 * 2**30,
+        sequential: bool = False,
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.sequential = sequential
         self._shards = plan_shards(planned, max_shard_bytes)
-        self._where: dict[str, tuple[int, st.Entry]] = {}
-        self._fds: list[int] = []
+        self._headers: list[bytes] = []
+        self._where: dict[str, tuple[int, st.Entry]] = {}  # name -> (shard index, entry)
         self._remaining: dict[str, int] = {}
         self._lock = threading.Lock()
         self.total_bytes = 0
-        for i, shard in enumerate(self._shards, start=1):
+        for i, shard in enumerate(self._shards):
             header, entries = st.encode_header(shard)
-            fd = os.open(self.directory / _partial_name(i), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
-            os.pwrite(fd, header, 0)
-            os.ftruncate(fd, max(e.end for e in entries.values()))
+            self._headers.append(header)
             for name, entry in entries.items():
-                self._where[name] = (fd, entry)
+                self._where[name] = (i, entry)
                 self._remaining[name] = entry.end - entry.start
                 self.total_bytes += entry.end - entry.start
+        self._order = [name for shard in self._shards for name, _, _ in shard]
+        self._cursor = 0  # sequential mode: the planned tensor being appended
+        self._appender: direct_io.Appender | None = None
+        self._fds = [] if sequential else [self._open_positioned(i) for i in range(len(self._shards))]
+
+    def _open_positioned(self, i: int) -> int:
+        fd = os.open(self.directory / _partial_name(i + 1), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(fd, self._headers[i], 0)
+        return fd
 
     def dtype(self, name: str) -> torch.dtype:
         return self._where[name][1].torch_dtype
@@ -215,25 +232,51 @@ class StreamingHFWriter:
         entry = self._where[name][1]
         return entry.end - entry.start
 
-    def write(self, name: str, tensor: torch.Tensor, row: int = 0) -> None:
-        """Write `tensor` as rows [row, row + len(tensor)) of the planned tensor `name` (dtype must match)."""
+    def _take(self, name: str, tensor: torch.Tensor) -> st.Entry:
+        """Check `tensor` fits the planned tensor `name` and account for its bytes."""
         if name not in self._where:
             raise CheckpointError(f"tensor {name} is not among the planned tensors")
-        fd, entry = self._where[name]
-        rows = tensor.shape[0] if tensor.dim() else 1
+        entry = self._where[name][1]
         if tensor.dtype != entry.torch_dtype or tuple(tensor.shape[1:]) != entry.shape[1:]:
             planned = f"{entry.dtype}{list(entry.shape)}"
             raise CheckpointError(f"{name}: writing {tensor.dtype}{list(tensor.shape)}, planned {planned}")
-        nbytes = rows * entry.row_bytes
+        nbytes = (tensor.shape[0] if tensor.dim() else 1) * entry.row_bytes
         with self._lock:
             if self._remaining[name] < nbytes:
                 raise CheckpointError(f"tensor {name} written twice")
             self._remaining[name] -= nbytes
-        st.pwrite_from(fd, entry.start + row * entry.row_bytes, tensor.contiguous())
+        return entry
+
+    def write(self, name: str, tensor: torch.Tensor, row: int = 0) -> None:
+        """Positioned mode: `tensor` as rows [row, row + len(tensor)) of the planned tensor `name`."""
+        if self.sequential:
+            raise CheckpointError("write() on a sequential StreamingHFWriter: use append()")
+        entry = self._take(name, tensor)
+        st.pwrite_from(self._fds[self._where[name][0]], entry.start + row * entry.row_bytes, tensor.contiguous())
+
+    def append(self, name: str, tensor: torch.Tensor) -> None:
+        """Sequential mode: the next rows of the planned tensor `name`, which must be the one due."""
+        while self._cursor < len(self._order) and not self._remaining[self._order[self._cursor]]:
+            self._cursor += 1
+        if not self.sequential or self._cursor >= len(self._order) or self._order[self._cursor] != name:
+            due = self._order[self._cursor] if self._cursor < len(self._order) else "nothing"
+            raise CheckpointError(f"appending {name} out of the planned order ({due} is due)")
+        self._take(name, tensor)
+        shard = self._where[name][0]
+        if self._appender is None or self._appender.path.name != _partial_name(shard + 1):
+            self._next_shard(shard)
+        assert self._appender is not None
+        self._appender.write(tensor.contiguous())
+
+    def _next_shard(self, shard: int) -> None:
+        if self._appender is not None:
+            self._appender.close()
+        self._appender = direct_io.Appender(self.directory / _partial_name(shard + 1))
+        self._appender.write(self._headers[shard])
 
     def finish(self) -> list[str]:
         """Check every planned byte was written, sync, name the shards and write the index."""
-        unwritten = sorted(name for name, left in self._remaining.items() if left)
+        unwritten = [name for name in self._order if self._remaining[name]]
         if unwritten:
             raise CheckpointError(f"{len(unwritten)} planned tensor(s) never written, e.g. {unwritten[:3]}")
         for fd in self._fds:
@@ -245,6 +288,9 @@ class StreamingHFWriter:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+        if self._appender is not None:
+            self._appender.close()
+            self._appender = None
 
 
 class HFCheckpointWriter:

@@ -4,8 +4,9 @@
     mcore_to_hf(mcore_dir, out_dir)            Megatron -> HF (hf_export.py, re-exported here)
     load_mcore(model, mcore_dir)               any layout, local or TE spec, via dist_checkpointing.load
 
-`hf_to_mcore` validates the whole source first (index, shard headers, names, shapes, MTP copies) so bad input fails
-before anything is written. It runs in one process or under torchrun at the requested layout: each rank builds its
+`hf_to_mcore` validates the whole source first (index, shard headers, names, shapes) so bad input fails before
+anything is written; MTP copies are compared with their sources while those are streamed (failing the conversion,
+which leaves no output). It runs in one process or under torchrun at the requested layout: each rank builds its
 part of the model on `meta` and writes only its own shards (lazy_save.py); rank 0 adds the metadata and publishes
 the directory. The writer converts and writes at once, chunk views without copies, in bounded memory
 (dcp_writer.py); FP8 sources are dequantised to bf16 as they are read (fp8.py). Both directions write under a
@@ -75,11 +76,11 @@ def hf_to_mcore(
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     check_output_dir(out_dir, overwrite, source=hf_dir)
-    source, hf_dtypes = validated_hf_source(hf_dir)
+    pool = BufferPool()
+    source, hf_dtypes = validated_hf_source(hf_dir, pool)
     _join_world(layout)
     model = build_meta_model(source.hf, DTYPES[dtype])
-    source.pool = BufferPool()
-    chunks = ChunkSource(TensorIndex(model), source.get, progress, pool=source.pool)
+    chunks = ChunkSource(TensorIndex(model), source.get, progress, pool=pool)
     staging = _shared_staging_dir(out_dir)
     try:
         _save_release(model, chunks, staging / RELEASE, thread_count)
@@ -96,17 +97,17 @@ def hf_to_mcore(
     return _reduce_over_ranks(summary.finish())
 
 
-def validated_hf_source(hf_dir: Path) -> tuple[HFTensorSource, dict[str, str]]:
-    """The HF checkpoint as a tensor source, after checking everything that can be checked without its data.
+def validated_hf_source(hf_dir: Path, pool: BufferPool | None = None) -> tuple[HFTensorSource, dict[str, str]]:
+    """The HF checkpoint as a tensor source, after checking everything that can be checked without its data
+    (MTP copies are compared with their sources as those are read: a mismatch fails the conversion then).
 
     Returns the source and each tensor's safetensors dtype name.
     """
-    source = HFTensorSource(hf_dir)  # index, shards present, config (model_type), tensor names
+    # index, shards present, config (model_type), tensor names
+    source = HFTensorSource(hf_dir, pool=pool, verify_copies=True)
     specs = source.reader.tensor_specs()  # every shard header: truncated files, tensors missing from a shard
     for name, (shape, _) in specs.items():
         source.mapping.check_shape(name, torch.empty(shape, device="meta"))
-    for copy_name in source.mapping.copies:
-        source.mapping.check_copy(copy_name, source.reader)
     return source, {name: dtype for name, (_, dtype) in specs.items()}
 
 

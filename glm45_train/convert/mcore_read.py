@@ -13,7 +13,6 @@ buffer from which the overlap is copied (checkpoints written at other layouts). 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,15 +148,11 @@ class McoreTensorSource:
         info = metadata.storage_data[MetadataIndex(key, chunk.offsets)]
         path = self.directory.checkpoint / info.relative_path
         try:
-            fd = os.open(path, os.O_RDONLY)
+            read_record_into(path, info.offset, info.length, out)
         except OSError as err:
             raise CheckpointError(f"{path}: cannot open ({err.strerror}), needed for {key}") from None
-        try:
-            read_record_into(fd, info.offset, info.length, out)
         except Exception as err:
             raise CheckpointError(f"{path}: cannot read {key} ({err})") from None
-        finally:
-            os.close(fd)
 
     def _new(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return self.pool.tensor(shape, dtype) if self.pool is not None else torch.empty(shape, dtype=dtype)

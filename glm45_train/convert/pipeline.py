@@ -50,10 +50,18 @@ class BufferPool:
             if buffer is not None:
                 self._idle_bytes -= size
         if buffer is None:
+            if size >= self.max_idle_bytes // 2:
+                self.trim()  # a large tensor is coming: hand idle memory back first, so peaks do not stack
             buffer = torch.empty(size, dtype=torch.uint8)
         with self._lock:
             self._lent[buffer.data_ptr()] = buffer
         return buffer[:nbytes].view(dtype).view(tuple(shape))
+
+    def trim(self) -> None:
+        """Free every idle buffer."""
+        with self._lock:
+            self._idle.clear()
+            self._idle_bytes = 0
 
     def owns(self, tensor: torch.Tensor) -> bool:
         with self._lock:

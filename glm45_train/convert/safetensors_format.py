@@ -4,9 +4,9 @@
     header: {name: {"dtype": "BF16", "shape": [...], "data_offsets": [start, end]}, "__metadata__": {...}}
 
 Why not the `safetensors` package: its reader memory-maps the file (mapped pages count toward RSS, and a tensor is
-copied out of the map into fresh memory), its writer serialises a whole dict at once. Here a tensor's rows are read
-with `preadv` straight into a caller's buffer, and a file's header is computed up front from the planned tensor
-list so tensors can then be written one at a time, in any order, at their planned offsets (`pwrite`).
+copied out of the map into fresh memory), its writer serialises a whole dict at once. Here a file's header is
+parsed into byte ranges (read into callers' buffers by hf_io.py), or computed up front from the planned tensor
+list so tensors can then be written one at a time (in any order at their offsets, or appended in plan order).
 Files written here are byte-for-byte what `safetensors` would accept (offsets contiguous, header 8-byte aligned).
 """
 
@@ -123,16 +123,6 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     if not tensor.is_contiguous():
         raise ValueError("byte_view needs a contiguous tensor")
     return tensor.reshape(-1).view(torch.uint8).numpy().data.cast("B")
-
-
-def pread_into(fd: int, offset: int, out: torch.Tensor) -> None:
-    """Fill the contiguous tensor `out` with the bytes at `offset` of the open file `fd`."""
-    view, done = byte_view(out), 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise FormatError(f"unexpected end of file at byte {offset + done}")
-        done += n
 
 
 def pwrite_from(fd: int, offset: int, tensor: torch.Tensor) -> None:

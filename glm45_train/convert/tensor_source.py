@@ -35,12 +35,20 @@ class TensorSource(Protocol):
 class HFTensorSource:
     """Full mcore tensors converted on demand from an HF checkpoint directory."""
 
-    def __init__(self, hf_dir, spec: str = "local", pool: BufferPool | None = None) -> None:
+    def __init__(
+        self, hf_dir, spec: str = "local", pool: BufferPool | None = None, verify_copies: bool = False
+    ) -> None:
+        """`verify_copies`: compare the MTP copies of a tensor with it whenever it is read (conversion does;
+        Megatron keeps one shared tensor, so a differing copy would be lost)."""
         self.hf = Glm45Config.from_file(hf_dir)
         self.reader = open_hf_reader(hf_dir)
         self.mapping = Glm45Mapping(self.hf, spec)  # type: ignore[arg-type]
         self.mapping.check_hf_names(self.reader.names())
         self.pool = pool
+        self.copies_of: dict[str, list[str]] = {}
+        if verify_copies:
+            for copy, original in self.mapping.copies.items():
+                self.copies_of.setdefault(original, []).append(copy)
 
     def get(self, mcore_name: str) -> torch.Tensor:
         """The mcore tensor, in its HF parts' dtype (in a pooled buffer when the source has a pool)."""
@@ -52,7 +60,21 @@ class HFTensorSource:
         for hf_name, part_runs in runs:
             for hf_row, mcore_row, rows in part_runs:
                 self.reader.read_into(hf_name, out[mcore_row : mcore_row + rows], row=hf_row)
+                for copy in self.copies_of.get(hf_name, []):
+                    self._check_copy(copy, hf_name, out[mcore_row : mcore_row + rows], hf_row)
         return out
+
+    def _check_copy(self, copy: str, original: str, rows: torch.Tensor, row: int, block_bytes: int = 64 * 2**20):
+        """The copy's rows [row, row + len(rows)) must equal `rows` (the original's, just read) bit for bit."""
+        if self.reader.shape_and_dtype(copy) != self.reader.shape_and_dtype(original):
+            raise self.mapping.copy_mismatch(copy)
+        step = max(1, block_bytes // max(1, rows[0].numel() * rows.element_size()))
+        block = torch.empty((min(step, rows.shape[0]), *rows.shape[1:]), dtype=rows.dtype)
+        for start in range(0, rows.shape[0], step):
+            part = block[: min(step, rows.shape[0] - start)]
+            self.reader.read_into(copy, part, row + start)
+            if not torch.equal(part, rows[start : start + part.shape[0]]):
+                raise self.mapping.copy_mismatch(copy)
 
 
 def global_expert_name(name: str, ep_rank: int, local_experts: int) -> str:
