@@ -48,10 +48,10 @@ def _positive_int(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from glm45_train.config.layout import ParallelLayout
-    from glm45_train.convert.hub import resolve_model_dir
     from glm45_train.convert.mcore_io import hf_to_mcore, mcore_to_hf
     from glm45_train.convert.mcore_read import McoreTensorSource
     from glm45_train.errors import UserError
+    from glm45_train.hub.fetch import resolve_model_dir
 
     progress = None if args.no_progress or not _is_rank_zero() else TqdmProgress("converting")
     if args.to_hf and _is_lora_run(args.model):

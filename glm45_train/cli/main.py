@@ -8,10 +8,10 @@ import warnings
 from collections.abc import Sequence
 
 from glm45_train import __version__
-from glm45_train.cli import chat, check, data, export, make_tiny, plan, sft, submit
+from glm45_train.cli import chat, check, data, export, make_tiny, plan, push, sft, submit
 from glm45_train.errors import UserError
 
-COMMANDS = (make_tiny, export, data, check, sft, chat, plan, submit)
+COMMANDS = (make_tiny, export, data, check, sft, chat, plan, submit, push)
 
 
 def build_parser() -> argparse.ArgumentParser:

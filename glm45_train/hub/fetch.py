@@ -7,7 +7,7 @@ from pathlib import Path
 
 from glm45_train.errors import UserError
 
-_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # OWNER/NAME, as ModelScope spells model IDs
 
 
 class ModelSourceError(UserError, FileNotFoundError):
@@ -21,7 +21,7 @@ def resolve_model_dir(model: str) -> Path:
         return path
     if path.exists():
         raise ModelSourceError(f"{model}: not a directory")
-    if not _MODEL_ID.match(model):
+    if not REPO_ID.match(model):
         raise ModelSourceError(f"{model}: no such directory, and not a ModelScope model ID (OWNER/NAME)")
     return _download(model)
 
