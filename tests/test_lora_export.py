@@ -29,10 +29,10 @@ def _train(tiny_air, run_dir, *overrides: str) -> None:
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_air, tmp_path_factory):
-    """Every target: attention, dense/shared MLP, each routed expert, the router."""
+    """Every target: attention, dense/shared MLP, each routed expert, the router; the MTP layer trained too."""
     run_dir = tmp_path_factory.mktemp("lora-export") / "run"
     targets = "linear_qkv,linear_proj,linear_fc1,linear_fc2,experts.linear_fc1,experts.linear_fc2,router"
-    _train(tiny_air, run_dir, f"lora.targets=[{targets}]", "train.aux_loss_coeff=1e-3")
+    _train(tiny_air, run_dir, f"lora.targets=[{targets}]", "train.aux_loss_coeff=1e-3", "train.mtp_loss_weight=0.3")
     return run_dir
 
 
@@ -56,6 +56,7 @@ def test_merged_export_equals_megatron_with_adapters(megatron_world, lora_run, m
     }
     assert {"linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "router"} <= trained  # every kind really trained
     assert any(".local_experts." in n and t.any() for n, t in run.state.items() if n.endswith("lora_B"))
+    assert any(n.startswith("mtp.") and t.any() for n, t in run.state.items() if n.endswith("lora_B"))  # MTP trained
     report = check_merged(run, merged, dtype="fp32")
     assert report.passed and report.logits.max_abs <= 1e-4, report.format()
 
@@ -81,6 +82,7 @@ def test_peft_adapter_loads_on_the_hf_base_and_matches_the_merged_model(
 
 def test_fused_adapters_are_split_exactly(megatron_world, attention_run):
     run = read_lora_run(attention_run)
+    assert not any(n.startswith("mtp.") for n in run.state)  # mtp_loss_weight 0: no MTP block, no MTP adapters
     tensors = peft_tensors(run)
     prefix = "base_model.model.model.layers.0."
     q, k, v = (tensors[f"{prefix}self_attn.{p}_proj.lora_B.weight"] for p in "qkv")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from glm45_train.cli.main import main
 from tests.conftest import REPO_ROOT
@@ -144,3 +145,28 @@ def test_lora_stops_on_sigusr1_and_resumes_where_it_stopped(tiny_air, tmp_path, 
     assert 2 <= stopped_at < 8 and len(stopped) == stopped_at  # checkpointed where it stopped, then exited
     resumed = run_lora_in_process(tiny_air, run_dir)
     assert [m["loss"] for m in resumed] == [m["loss"] for m in expected]
+
+
+def test_full_sft_without_mtp_loss_builds_no_mtp_and_exports_the_base_mtp(megatron_world, tiny_air, tmp_path, capsys):
+    """train.mtp_loss_weight = 0 (the published recipes): no MTP block is built or saved; the HF export takes the
+    MTP layer from the base unchanged, so the exported model keeps it."""
+    from glm45_train.convert.hf_io import HFCheckpointReader
+
+    run_dir, out = tmp_path / "run", tmp_path / "hf"
+    args = [
+        "sft", str(REPO_ROOT / "recipes/tiny_sft.yaml"), f"model.source={tiny_air}", f"checkpoint.dir={run_dir}",
+        f"data.inputs=[{REPO_ROOT / 'data/sample_distill.jsonl'}]", "parallel.ep=1", "train.global_batch_size=2",
+        "train.steps=2", "checkpoint.interval=2", "eval.interval=0", "train.mtp_loss_weight=0",
+        "logging.tensorboard=false", "logging.plot=false",
+    ]  # fmt: skip
+    assert main(args) == 0
+    assert b"mtp." not in (run_dir / "iter_0000002" / ".metadata").read_bytes()
+    assert main(["export", "--to-hf", "--model", str(run_dir), "--output-dir", str(out)]) == 0
+    assert "MTP not trained" in capsys.readouterr().out
+    base, exported = HFCheckpointReader(tiny_air), HFCheckpointReader(out)
+    assert sorted(exported.names()) == sorted(base.names())
+    mtp = f"model.layers.{json.loads((tiny_air / 'config.json').read_text())['num_hidden_layers']}."
+    own = [n for n in base.names() if n.startswith(mtp) and not n.endswith(("embed_tokens.weight", "head.weight"))]
+    assert len(own) > 10 and all(torch.equal(exported.get(n), base.get(n)) for n in own), "MTP not the base's"
+    trained = "model.layers.0.self_attn.o_proj.weight"
+    assert not torch.equal(exported.get(trained), base.get(trained))  # negative control: the rest was trained

@@ -125,6 +125,15 @@ class Recipe:
     logging: LoggingSection = field(default_factory=LoggingSection)
 
 
+def mtp_layers(recipe: Recipe, hf: Any) -> int | None:
+    """The MTP layers to build: the model's, when the recipe trains them (train.mtp_loss_weight > 0), else none.
+
+    Without its loss the MTP block only costs memory and compute (Air: 2.4B parameters, one more MoE layer and a
+    second output head per stage); its weights then come from the base model at export.
+    """
+    return (hf.num_nextn_predict_layers or None) if recipe.train.mtp_loss_weight > 0 else None
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a YAML recipe strictly, apply `key=value` overrides, check values. Raises RecipeError naming the key."""
     from omegaconf import OmegaConf

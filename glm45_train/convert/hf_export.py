@@ -13,6 +13,7 @@ Output is written under a temporary name and renamed when complete (mcore_dir.py
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -54,8 +55,12 @@ def mcore_to_hf(
     summary = ConversionSummary("mcore->hf", out_dir)
     check_output_dir(out_dir, overwrite, source=Path(mcore_dir))
     pool = BufferPool()
-    source = McoreTensorSource(mcore_dir, pool=pool)
-    mapping = Glm45Mapping(source.hf, "local")
+    run = McoreTensorSource(mcore_dir, pool=pool)
+    mapping = Glm45Mapping(run.hf, "local")
+    source: McoreTensorSource | MtpFromBase = run
+    if MtpFromBase.needed(run):
+        source = MtpFromBase(run, mapping)
+        summary.notes.append(source.note)
     hf_dtype, shapes = _hf_dtype_lookup(source.directory.metadata), dict(hf_tensor_shapes(source.hf))
     order = _production_order(source, mapping)
     mapping.check_hf_names(order)
@@ -80,6 +85,44 @@ def mcore_to_hf(
     return summary.finish()
 
 
+class MtpFromBase:
+    """A full-SFT run trained without the MTP loss (train.mtp_loss_weight = 0) built no MTP block and saved no MTP
+    tensors. Its export takes them from the model the run started from, unchanged, so the exported checkpoint
+    keeps the release's MTP layer (for speculative decoding) instead of silently losing it."""
+
+    def __init__(self, run: McoreTensorSource, mapping: Glm45Mapping) -> None:
+        base = Path(run.directory.metadata["training"]["base"])
+        if not base.exists():
+            raise UserError(
+                f"{run.directory.root} was trained without its MTP layer; the export takes that layer from the "
+                f"base model {base}, which no longer exists"
+            )
+        from glm45_train.convert.tensor_source import open_source
+
+        self.run, self.base, self.mapping = run, open_source(base, pool=run.pool), mapping
+        self.hf, self.pool, self.directory = run.hf, run.pool, run.directory
+        self.from_base = [name for name in mapping.rules if name.startswith("mtp.")]
+        self.note = f"MTP not trained (train.mtp_loss_weight = 0): its {len(self.from_base)} tensors are {base}'s"
+
+    @staticmethod
+    def needed(source: McoreTensorSource) -> bool:
+        return source.hf.num_nextn_predict_layers > 0 and not source.has_mtp
+
+    def names(self) -> list[str]:
+        return self.run.names() + self.from_base
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.run.shape(name) if name not in self.from_base else tuple(self.mapping.mcore_shape(name))
+
+    def nbytes(self, name: str) -> int:
+        if name not in self.from_base:
+            return self.run.nbytes(name)
+        return math.prod(self.shape(name)) * torch.float32.itemsize  # a bound: the base's dtype is not known yet
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.run.get(name) if name not in self.from_base else self.base.get(name)
+
+
 def _copies_of(mapping: Glm45Mapping) -> dict[str, list[str]]:
     copies: dict[str, list[str]] = {}
     for copy, original in mapping.copies.items():
@@ -87,7 +130,7 @@ def _copies_of(mapping: Glm45Mapping) -> dict[str, list[str]]:
     return copies
 
 
-def _production_order(source: McoreTensorSource, mapping: Glm45Mapping) -> list[str]:
+def _production_order(source: McoreTensorSource | MtpFromBase | MtpFromBase, mapping: Glm45Mapping) -> list[str]:
     """HF names in the order the export produces them: per mcore tensor, its parts each followed by its copies."""
     copies_of, order = _copies_of(mapping), []
     for name in source.names():
@@ -97,7 +140,7 @@ def _production_order(source: McoreTensorSource, mapping: Glm45Mapping) -> list[
 
 
 def _stream_hf_weights(
-    source: McoreTensorSource,
+    source: McoreTensorSource | MtpFromBase,
     mapping: Glm45Mapping,
     writer: StreamingHFWriter,
     progress: Progress,

@@ -68,6 +68,8 @@ class McoreTensorSource:
         self._pieces: dict[str, list[Piece]] | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
         self.pool = pool
+        # a run trained without the MTP loss built and saved no MTP block (train/run_dir.py records it)
+        self.has_mtp = self.directory.metadata.get("training", {}).get("mtp_trained", True)
 
     def names(self) -> list[str]:
         """Every model tensor name, in model order."""
@@ -171,7 +173,7 @@ class McoreTensorSource:
             distributed.initialize()
         if current_layout() != ParallelLayout():
             raise ValueError(f"McoreTensorSource reads at TP=PP=EP=1, not {current_layout()}; use load_mcore")
-        model = build_meta_model(self.hf, torch.bfloat16)
+        model = build_meta_model(self.hf, torch.bfloat16, with_mtp=self.has_mtp)
         index = TensorIndex(model)
         pieces: dict[str, list[Piece]] = {name: [] for name in index.tensors}
         for sharded in sharded_tensors(te_style_sharded_state_dict(model, for_save=False)):

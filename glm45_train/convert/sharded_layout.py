@@ -57,8 +57,9 @@ def current_layout() -> ParallelLayout:
     )
 
 
-def build_meta_model(hf: Glm45Config, dtype: torch.dtype) -> GPTModel:
-    """This rank's part of GLM-4.5 at the current parallel layout, on `meta`, floating parameters in `dtype`.
+def build_meta_model(hf: Glm45Config, dtype: torch.dtype, with_mtp: bool = True) -> GPTModel:
+    """This rank's part of GLM-4.5 at the current parallel layout, on `meta`, floating parameters in `dtype`
+    (`with_mtp=False`: without the MTP block, as a run trained without the MTP loss saves it).
 
     Megatron's local norms ignore `params_dtype` (they stay fp32); checkpoint dtypes must not depend on the
     spec, so every floating parameter is cast. The router's expert bias is a real fp32 CPU buffer and stays so.
@@ -70,9 +71,11 @@ def build_meta_model(hf: Glm45Config, dtype: torch.dtype) -> GPTModel:
     # The local spec everywhere (GPU hosts included): its state_dict names are the mapping's, and TE-style
     # checkpoint keys come from `te_style_keys`, not from building TE layers.
     layout = current_layout()
-    pipeline = {"pipeline_dtype": dtype} if layout.pp > 1 else {}
+    overrides: dict[str, Any] = {"pipeline_dtype": dtype} if layout.pp > 1 else {}
+    if not with_mtp:
+        overrides["mtp_num_layers"] = None
     config = to_transformer_config(
-        hf, params_dtype=dtype, layout=layout, on_gpu=False, perform_initialization=False, **pipeline
+        hf, params_dtype=dtype, layout=layout, on_gpu=False, perform_initialization=False, **overrides
     )
     model = build_model(
         hf,

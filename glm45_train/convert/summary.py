@@ -49,6 +49,7 @@ class ConversionSummary:
     bytes: int = 0
     seconds: float = 0.0
     peak_rss_bytes: int = 0
+    notes: list[str] = field(default_factory=list)  # what the user should know about this output
     _started: float = field(default_factory=time.perf_counter, repr=False)
 
     def finish(self) -> ConversionSummary:
@@ -64,4 +65,4 @@ class ConversionSummary:
         return (
             f"{self.direction}: {self.tensors} tensors, {self.bytes / 1e9:.3f} GB in {self.seconds:.1f} s "
             f"({self.gb_per_s:.3f} GB/s), peak RSS {self.peak_rss_bytes / 2**30:.2f} GiB -> {self.output_dir}"
-        )
+        ) + "".join(f"\n  note: {note}" for note in self.notes)

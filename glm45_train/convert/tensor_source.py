@@ -113,13 +113,13 @@ def load_weights(module: torch.nn.Module, source: TensorSource, prefix: str = ""
     return loaded
 
 
-def open_source(path) -> TensorSource:
+def open_source(path, pool: BufferPool | None = None) -> TensorSource:
     """An HF checkpoint directory or a Megatron checkpoint directory, as a tensor source."""
     from pathlib import Path
 
     path = Path(path)
     if (path / "model.safetensors.index.json").exists() or (path / "model.safetensors").exists():
-        return HFTensorSource(path)
+        return HFTensorSource(path, pool=pool)
     from glm45_train.convert.mcore_io import McoreTensorSource
 
-    return McoreTensorSource(path)
+    return McoreTensorSource(path, pool=pool)

@@ -34,7 +34,7 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from glm45_train.config.recipe import Recipe, RecipeError, validate_layout
+from glm45_train.config.recipe import Recipe, RecipeError, mtp_layers, validate_layout
 from glm45_train.launch import activations as act
 from glm45_train.launch.model_parts import ModelParts, count_parts
 from glm45_train.model.hf_config import Glm45Config
@@ -139,7 +139,7 @@ def plan(recipe: Recipe, hf: Glm45Config, gpu: str, world: int) -> Plan:
     expert_dp = world // (p.pp * p.ep * p.etp)
     microbatches = t.global_batch_size // (t.micro_batch_size * dp)
     parts = count_parts(hf, 2 if recipe.model.dtype == "bf16" else 4)
-    mtp = hf.num_nextn_predict_layers > 0 and t.mtp_loss_weight > 0
+    mtp = mtp_layers(recipe, hf) is not None
     stages = tuple(_stage_memory(recipe, parts, stage, dp, expert_dp, microbatches, mtp) for stage in range(p.pp))
     total, trained = _model_totals(recipe, parts, mtp)
     return Plan(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from glm45_train.config.recipe import LoraSection, Recipe, load_recipe
+from glm45_train.config.recipe import LoraSection, Recipe, load_recipe, mtp_layers
 from glm45_train.convert.mcore_dir import McoreCheckpointDir
 from glm45_train.errors import UserError
 from glm45_train.lora.apply import apply_lora
@@ -60,7 +60,8 @@ def read_lora_run(path: str | Path) -> LoraRun:
     recipe = load_recipe(directory.root / "recipe.yaml")
     hf = Glm45Config.from_dict(directory.hf_config, source=str(directory.root / "glm45_train.json"))
     distributed.initialize()
-    model = build_model(hf, to_transformer_config(hf, perform_initialization=False), device="meta")
+    config = to_transformer_config(hf, perform_initialization=False, mtp_num_layers=mtp_layers(recipe, hf))
+    model = build_model(hf, config, device="meta")  # as trained: without the MTP block when it was not trained
     apply_lora(model, recipe.lora, seed=recipe.train.seed)
     _materialise_adapters(model)
     loaded = dist_checkpointing.load(lora_sharded_state_dict(model), str(directory.checkpoint))

@@ -15,6 +15,7 @@ from glm45_train.lora.adapter_io import LoraRun
 def check_merged(run: LoraRun, merged_dir: str | Path, dtype: str = "fp32") -> PrecisionReport:
     from transformers import AutoModelForCausalLM
 
+    from glm45_train.config.recipe import mtp_layers
     from glm45_train.convert.tensor_source import load_weights, open_source
     from glm45_train.lora import apply_lora, load_lora_state_dict
     from glm45_train.model.build import build_model
@@ -27,7 +28,10 @@ def check_merged(run: LoraRun, merged_dir: str | Path, dtype: str = "fp32") -> P
     ids = sample_tokens(merged_dir)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch_dtype).eval()
     reference = merged(ids).logits
-    model = build_model(run.hf, to_transformer_config(run.hf, params_dtype=torch_dtype, perform_initialization=False))
+    config = to_transformer_config(
+        run.hf, params_dtype=torch_dtype, perform_initialization=False, mtp_num_layers=mtp_layers(run.recipe, run.hf)
+    )
+    model = build_model(run.hf, config)  # as trained: with the MTP block only when it was
     load_weights(model, open_source(run.base))
     apply_lora(model, run.lora, seed=run.recipe.train.seed)
     load_lora_state_dict(model, run.state)

@@ -139,7 +139,7 @@ def _mfu(trainer: Trainer, batches: list[Batch], tokens_per_s: float) -> float:
     peak = peak_flops(torch.cuda.get_device_name())
     if peak is None:
         return float("nan")
-    per_token = flops_per_token(trainer.hf, batches[0].tokens.shape[1], trainer.recipe.train.mtp_loss_weight > 0)
+    per_token = flops_per_token(trainer.hf, batches[0].tokens.shape[1], trainer.config.mtp_num_layers is not None)
     return per_token * tokens_per_s / (peak * dist.get_world_size())
 
 

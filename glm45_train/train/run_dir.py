@@ -38,5 +38,9 @@ def write_run_metadata(recipe: Recipe, run_dir: Path) -> None:
         "layout": asdict(recipe.parallel),
         "keys": "transformer_engine",
     }
-    metadata["training"] = {"kind": "lora" if recipe.lora.enabled else "full", "base": str(source.resolve())}
+    metadata["training"] = {
+        "kind": "lora" if recipe.lora.enabled else "full",
+        "base": str(source.resolve()),
+        "mtp_trained": recipe.train.mtp_loss_weight > 0,  # else no MTP tensors are saved: export takes the base's
+    }
     write_metadata(run_dir, metadata)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from glm45_train.config.recipe import Recipe, validate_layout
+from glm45_train.config.recipe import Recipe, mtp_layers, validate_layout
 from glm45_train.model.hf_config import Glm45Config, to_transformer_config
 from glm45_train.runtime import cpu, distributed
 
@@ -98,6 +98,7 @@ def transformer_config(recipe: Recipe, hf: Glm45Config) -> Any:
     train = recipe.train
     overrides: dict[str, Any] = dict(
         calculate_per_token_loss=True,  # loss = mean over every trained token of the global batch
+        mtp_num_layers=mtp_layers(recipe, hf),
         mtp_loss_scaling_factor=train.mtp_loss_weight,
         moe_router_bias_update_rate=1e-3 if recipe.model.train_expert_bias else 0.0,
     )
@@ -140,6 +141,10 @@ def build_trainer(recipe: Recipe, total_steps_for: Any) -> Trainer:
     hf = model_config_of(recipe.model.source)
     validate_layout(recipe, world_size_from_env(), hf)  # before any process group exists
     distributed.initialize(recipe.parallel.layout(), seed=recipe.train.seed)
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()  # per process, sized by the first model built: a later run in
+    # the same process (tests, notebooks) with another layer count would index past it
     from glm45_train.model.build import build_model
 
     config = transformer_config(recipe, hf)
