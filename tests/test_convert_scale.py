@@ -18,6 +18,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +261,24 @@ def test_a_failing_writer_thread_stops_the_reader_with_its_error():
         for job in range(100):
             budget.acquire(10)  # blocks until the writer frees room: must not hang after its failure
             workers.submit(job)
+
+
+def test_read_ahead_keeps_order_and_the_budget():
+    from glm45_train.convert.pipeline import read_ahead
+
+    budget, in_flight, lock = ByteBudget(10), [], threading.Lock()
+    sizes = {f"t{i}": size for i, size in enumerate([3, 4, 25, 2, 6, 1, 9])}  # t2 is larger than the budget
+
+    def fetch(name: str) -> str:
+        with lock:
+            in_flight.append(budget.used)
+        time.sleep(0.01 * (len(name) % 3))
+        return name.upper()
+
+    seen = []
+    for name, result, size in read_ahead(sizes, fetch, sizes.__getitem__, budget, depth=3):
+        assert result == name.upper() and size == sizes[name]
+        seen.append(name)
+        budget.release(size)  # the consumer is done with it
+    assert seen == list(sizes) and budget.used == 0
+    assert all(used <= 10 or used == 25 for used in in_flight), in_flight  # the budget, or the big item alone

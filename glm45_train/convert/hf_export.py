@@ -25,7 +25,7 @@ from glm45_train.convert.hf_io import StreamingHFWriter
 from glm45_train.convert.mapping import Glm45Mapping, MappingError
 from glm45_train.convert.mcore_dir import McoreCheckpointDir, check_output_dir, fresh_staging_dir, publish
 from glm45_train.convert.mcore_read import McoreTensorSource
-from glm45_train.convert.pipeline import BufferPool, ByteBudget, Workers
+from glm45_train.convert.pipeline import BufferPool, ByteBudget, Workers, read_ahead
 from glm45_train.convert.summary import ConversionSummary, NullProgress, Progress
 from glm45_train.errors import UserError
 from glm45_train.model.hf_layout import EXPERT_BIAS_KEY, hf_tensor_shapes
@@ -167,13 +167,14 @@ def _stream_hf_weights(
             _release(source.pool, data)
         budget.release(nbytes)
 
+    names = source.names()
+    for name in names:
+        expected = mapping.mcore_shape(name)
+        if source.shape(name) != expected:
+            raise MappingError(f"{name}: checkpoint shape {source.shape(name)}, config.json implies {expected}")
     with Workers(1, write, budget) as workers:  # one writer: the shards are appended in order
-        for name in source.names():
-            expected = mapping.mcore_shape(name)
-            if source.shape(name) != expected:
-                raise MappingError(f"{name}: checkpoint shape {source.shape(name)}, config.json implies {expected}")
-            budget.acquire(source.nbytes(name))
-            workers.submit((name, source.get(name), source.nbytes(name)))
+        for job in read_ahead(names, source.get, source.nbytes, budget):
+            workers.submit(job)
     return len(written)
 
 

@@ -8,6 +8,8 @@
   budget is let through alone, so the bound is max(budget, largest tensor) plus the pool's idle cap.
 - `Workers`: threads that write while the calling thread reads (file I/O and torch copies release the GIL).
   The first error of any thread stops the others and is raised in the calling thread.
+- `read_ahead`: the next reads already running on threads while earlier results are handed on, in order. One
+  O_DIRECT read stream leaves the disk idle between requests; two keep it busy (measured 0.65 -> 0.7-0.9 GB/s).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -101,6 +105,11 @@ class ByteBudget:
                 raise Aborted("stopped: another thread failed")
             self.used += nbytes
 
+    def fits(self, nbytes: int) -> bool:
+        """Whether `acquire(nbytes)` would return at once."""
+        with self._cond:
+            return not self.used or self.used + nbytes <= self.limit
+
     def release(self, nbytes: int) -> None:
         with self._cond:
             self.used -= nbytes
@@ -110,6 +119,32 @@ class ByteBudget:
         with self._cond:
             self._aborted = True
             self._cond.notify_all()
+
+
+def read_ahead(
+    names: Iterable[str], fetch: Callable[[str], Any], nbytes: Callable[[str], int], budget: ByteBudget, depth: int = 2
+) -> Iterator[tuple[str, Any, int]]:
+    """(name, fetch(name), nbytes(name)) in order, with up to `depth` fetches running ahead on threads.
+
+    Each fetch holds its bytes of `budget` from before it starts; the consumer releases them once it is done with
+    the result. A fetch that does not fit yet first hands on the results before it, so the consumer can release.
+    """
+    pending: deque[tuple[str, Future, int]] = deque()
+    with ThreadPoolExecutor(depth, thread_name_prefix="read-ahead") as threads:
+        try:
+            for name in names:
+                size = nbytes(name)
+                while pending and (len(pending) >= depth or not budget.fits(size)):
+                    done, future, done_size = pending.popleft()
+                    yield done, future.result(), done_size
+                budget.acquire(size)
+                pending.append((name, threads.submit(fetch, name), size))
+            while pending:
+                done, future, done_size = pending.popleft()
+                yield done, future.result(), done_size
+        finally:
+            for _, future, _ in pending:
+                future.cancel()
 
 
 class Workers:
