@@ -59,7 +59,7 @@ def bare(recipe, steps: int) -> tuple[float, int]:
     dataset = load_prepared(recipe.data.prepared)
     plan = BatchPlan(dataset, seed=recipe.train.seed, eval_fraction=recipe.eval.split, global_batch_size=2)
     trainer = build_trainer(recipe, lambda _dp: steps)
-    collation = collation_for(recipe, 512)
+    collation = collation_for(recipe)
     position, global_batches = DataPosition(), []
     for _ in range(steps):
         rows, position = plan.global_batch(position)

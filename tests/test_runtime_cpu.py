@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -78,3 +80,51 @@ def test_full_recompute_gives_the_same_gradients(megatron_world, tiny_air):
         model(tokens, torch.arange(16)[None], None, labels=tokens).mean().backward()
         grads.append(model.decoder.layers[0].self_attention.linear_qkv.weight.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-6)
+
+
+def _norm_config(sequence_parallel: bool) -> SimpleNamespace:
+    """What Megatron's local norm reads of a TransformerConfig."""
+    return SimpleNamespace(
+        sequence_parallel=sequence_parallel,
+        normalization="RMSNorm",
+        layernorm_zero_centered_gamma=False,
+        persist_layer_norm=False,
+        memory_efficient_layer_norm=False,
+    )
+
+
+def test_local_norm_builds_with_sequence_parallel_and_marks_its_weight():
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    cpu.apply()
+    norm = WrappedTorchNorm(_norm_config(sequence_parallel=True), 64, eps=1e-5)
+    assert isinstance(norm, torch.nn.RMSNorm) and norm.eps == 1e-5
+    assert norm.weight.sequence_parallel is True  # finalize_model_grads sums it over the TP group
+    plain = WrappedTorchNorm(_norm_config(sequence_parallel=False), 64)
+    assert not getattr(plain.weight, "sequence_parallel", False)
+    with pytest.raises(AssertionError, match="zero_centered_gamma"):  # Megatron's other refusals still apply
+        WrappedTorchNorm(SimpleNamespace(**{**vars(_norm_config(True)), "layernorm_zero_centered_gamma": True}), 64)
+
+
+def test_mtp_stage_sets_up_its_embedding_copy_on_cpu(megatron_world):
+    """The last pipeline stage with MTP (not the first): the copy is zeroed, then averaged with the first stage's."""
+    import torch.distributed as dist
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    copy = torch.nn.Parameter(torch.ones(8, 4))
+    last_stage = SimpleNamespace(
+        pre_process=False,
+        post_process=True,
+        mtp_process=True,
+        share_embeddings_and_output_weights=False,
+        config=SimpleNamespace(mtp_num_layers=1, pipeline_model_parallel_size=2),
+        output_layer=SimpleNamespace(weight=torch.nn.Parameter(torch.zeros(8, 4))),
+        vp_stage=None,
+        vp_size=None,
+        pp_group=SimpleNamespace(rank=lambda: 1, size=lambda: 2),
+        embd_group=dist.group.WORLD,
+        _is_in_embd_group=lambda: True,
+        shared_embedding_or_output_weight=lambda: copy,
+    )
+    LanguageModule.setup_embeddings_and_output_layer(last_stage)  # calls weight.data.cuda() inside
+    assert copy.device.type == "cpu" and copy.shared_embedding and not copy.any()

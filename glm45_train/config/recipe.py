@@ -230,6 +230,19 @@ def _is_mixed(mode: str) -> bool:
         return False
 
 
+def check_trainable_layout(recipe: Recipe) -> None:
+    """Layouts Megatron builds and plans but trains wrongly. At ep = 1 it treats routed experts as dense weights
+    and reduces their gradients over data parallel only; with etp != tp the ranks that hold the same expert
+    weights are then not the ranks that reduce them (measured at tp 2, etp 1: expert gradients differ across
+    TP ranks, grad norm off by 1e-3)."""
+    p = recipe.parallel
+    if p.ep == 1 and p.etp != p.tp:
+        raise RecipeError(
+            f"key 'parallel.etp': with ep = 1, training needs etp = tp = {p.tp} (experts split like "
+            f"the dense layers), or ep > 1"
+        )
+
+
 def validate_layout(recipe: Recipe, world_size: int, hf: Any) -> int:
     """Check the parallel layout against the world size and the model; returns the data-parallel size."""
     p, t = recipe.parallel, recipe.train

@@ -83,10 +83,13 @@ _COMMON: dict[str, Any] = dict(
 )
 
 
-def tiny_config(preset: str, vocab_size: int, stop_ids: list[int]) -> dict[str, Any]:
+def tiny_config(
+    preset: str, vocab_size: int, stop_ids: list[int], overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The preset's config.json; `overrides` replace fields (e.g. a layer count a pipeline layout divides)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    config = {**_COMMON, **PRESETS[preset], "vocab_size": vocab_size}
+    config = {**_COMMON, **PRESETS[preset], **(overrides or {}), "vocab_size": vocab_size}
     config.update(eos_token_id=stop_ids, pad_token_id=stop_ids[0])
     return dict(sorted(config.items()))
 
@@ -118,9 +121,18 @@ def is_quantized_in_fp8_releases(name: str, shape: tuple[int, ...]) -> bool:
 
 
 def make_tiny(
-    out_dir: str | Path, preset: str = "air", seed: int = 0, overwrite: bool = False, fp8: str | None = None
+    out_dir: str | Path,
+    preset: str = "air",
+    seed: int = 0,
+    overwrite: bool = False,
+    fp8: str | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the tiny checkpoint (config, >= 2 shards + index, generation config, tokenizer) to `out_dir`."""
+    """Write the tiny checkpoint (config, >= 2 shards + index, generation config, tokenizer) to `out_dir`.
+
+    `overrides` change config fields of the preset (layers, heads, experts... as `--rehearse` scales a recipe's
+    model); the vocabulary always comes from the tiny tokenizer.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty (pass --overwrite to replace it)")
@@ -131,7 +143,7 @@ def make_tiny(
     write_tokenizer(staging)
     vocab_size = math.ceil(vocab_size_for(staging) / 64) * 64  # padded like the release (151552 > 151365)
     stop_ids = stop_token_ids(staging)
-    config = tiny_config(preset, vocab_size, stop_ids)
+    config = tiny_config(preset, vocab_size, stop_ids, overrides)
     hf = Glm45Config.from_dict(config)
     scheme = SCHEMES[fp8] if fp8 else None
     if scheme is not None:

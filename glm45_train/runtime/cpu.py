@@ -27,6 +27,14 @@ Adaptations (symptom -> cause -> fix):
 8. "Torch not compiled with CUDA enabled" in activation recompute: Megatron's CheckpointFunction saves and
    restores the CUDA generator state next to the CPU one. -> with no CUDA generator, that part is empty and
    restoring it does nothing (the CPU state and the named streams are still saved and restored).
+9. "sequence parallel not supported by torch LayerNorm" building any layer with tensor + sequence parallelism:
+   Megatron's local norm (`WrappedTorchNorm`) refuses SP, so no recipe with TP > 1 could train (MoE + TP
+   needs SP). A norm needs nothing from SP but its weight gradient summed over the TP group, as each rank
+   sees a slice of the sequence. -> with SP the same torch norm is built and its parameters are marked
+   `sequence_parallel`, which is how Transformer Engine's norms ask `finalize_model_grads` for that sum.
+10. "Torch not compiled with CUDA enabled" building the last pipeline stage with MTP: the stage keeps a copy
+   of the word embedding, which `setup_embeddings_and_output_layer` moves with `.cuda()` before averaging it
+   with the first stage's. -> that method runs under the mode of row 6.
 
 Not patched, chosen by configuration instead (see model/hf_config.py): the `allgather` token dispatcher (the
 `alltoall` one creates a CUDA stream at build time), no fused kernels, local (non-TE) layer specs.
@@ -64,6 +72,8 @@ def apply() -> bool:
     _build_default_causal_mask_on_cpu()
     _place_factories_on_cpu_in_step_modules()
     _no_cuda_generator_in_recompute()
+    _sequence_parallel_local_norm()
+    _embedding_copy_on_cpu()
     _APPLIED = True
     return True
 
@@ -155,6 +165,47 @@ def _no_cuda_generator_in_recompute() -> None:
 
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
     mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
+
+
+class _ConfigWithoutSP:
+    """A TransformerConfig seen as if sequence parallelism were off (row 9); every other field unchanged."""
+
+    sequence_parallel = False
+
+    def __init__(self, config: object) -> None:
+        self._config = config
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._config, name)
+
+
+def _sequence_parallel_local_norm() -> None:
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    build = WrappedTorchNorm.__new__
+
+    def new(cls, config, *args, **kwargs):
+        if not config.sequence_parallel:
+            return build(cls, config, *args, **kwargs)
+        norm = build(cls, _ConfigWithoutSP(config), *args, **kwargs)  # Megatron's other checks still run
+        for param in norm.parameters():
+            param.sequence_parallel = True  # finalize_model_grads sums these grads over TP
+        return norm
+
+    WrappedTorchNorm.__new__ = new
+
+
+def _embedding_copy_on_cpu() -> None:
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    setup = LanguageModule.setup_embeddings_and_output_layer
+
+    @functools.wraps(setup)
+    def on_cpu(self: LanguageModule) -> None:
+        with _CudaCallsOnCpu():
+            setup(self)
+
+    LanguageModule.setup_embeddings_and_output_layer = on_cpu
 
 
 def on_cpu_device() -> contextlib.AbstractContextManager[object]:

@@ -58,16 +58,15 @@ class BatchPlan:
 class Collation:
     """How rows become tensors. Every rank pads a global batch to the same length — the longest row of the whole
     global batch, which all ranks can compute alike — because expert parallelism exchanges tokens between ranks
-    and needs equal shapes; pipeline parallelism needs the fixed `row_length`; tensor/context parallelism need
-    lengths divisible by `multiple`. `with_attention_mask` builds the CPU block-diagonal mask."""
+    and pipeline stages exchange activations of the shape the schedule is told, one per step; tensor/context
+    parallelism need lengths divisible by `multiple`. `with_attention_mask` builds the CPU block-diagonal mask."""
 
     micro_batch_size: int
-    row_length: int | None
     multiple: int
     with_attention_mask: bool
 
     def length_for(self, examples: list[TrainingExample]) -> int:
-        length = self.row_length or max(len(e.input_ids) for e in examples)
+        length = max(len(e.input_ids) for e in examples)
         return math.ceil(length / self.multiple) * self.multiple
 
 
@@ -76,9 +75,11 @@ def micro_batches(plan: BatchPlan, rows: np.ndarray, dp_rank: int, dp_size: int,
     return _collated(plan.dataset, rows, dp_rank, dp_size, collation)
 
 
-def _collated(dataset: PreparedDataset, rows: np.ndarray, dp_rank: int, dp_size: int, c: Collation) -> list[Batch]:
+def _collated(
+    dataset: PreparedDataset, rows: np.ndarray, dp_rank: int, dp_size: int, c: Collation, length: int | None = None
+) -> list[Batch]:
     examples = [dataset[int(i)] for i in rows]
-    length = c.length_for(examples)
+    length = length or c.length_for(examples)
     mine = examples[dp_rank::dp_size]
     size = c.micro_batch_size
     return [
@@ -88,8 +89,11 @@ def _collated(dataset: PreparedDataset, rows: np.ndarray, dp_rank: int, dp_size:
 
 
 def eval_batches(plan: BatchPlan, dp_rank: int, dp_size: int, collation: Collation) -> Iterator[Batch]:
-    """Every rank the same number of micro-batches (expert parallel ranks must run forwards together)."""
+    """Every rank the same number of micro-batches (expert parallel ranks must run forwards together), all of one
+    length (they go through the schedule together, and pipeline stages are told one shape)."""
     usable = len(plan.eval_rows) // dp_size * dp_size
     step = dp_size * collation.micro_batch_size
+    length = collation.length_for([plan.dataset[int(i)] for i in plan.eval_rows[:usable]]) if usable else None
     for start in range(0, usable, step):
-        yield from _collated(plan.dataset, plan.eval_rows[start : start + step], dp_rank, dp_size, collation)
+        rows = plan.eval_rows[start : start + step]
+        yield from _collated(plan.dataset, rows, dp_rank, dp_size, collation, length)

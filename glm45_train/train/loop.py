@@ -89,13 +89,16 @@ def _run_batches(trainer: Trainer, batches: list[Batch], forward_only: bool) -> 
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    rows, length = batches[0].tokens.shape
+    if torch.cuda.is_available():  # forward_step lays the rows end to end (THD): what stages exchange is 1 x b*s
+        rows, length = 1, rows * length
     outputs = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(batches),
         model=[trainer.model],
         num_microbatches=len(batches),
-        seq_length=batches[0].tokens.shape[1],
-        micro_batch_size=batches[0].tokens.shape[0],
+        seq_length=length,
+        micro_batch_size=rows,
         forward_only=forward_only,
     )
     totals = torch.zeros(2)
@@ -154,11 +157,10 @@ def evaluate(trainer: Trainer, plan: BatchPlan, collation: Collation) -> float |
     return loss_sum / max(tokens, 1.0)
 
 
-def collation_for(recipe: Recipe, max_length: int) -> Collation:
+def collation_for(recipe: Recipe) -> Collation:
     p = recipe.parallel
     return Collation(
         micro_batch_size=recipe.train.micro_batch_size,
-        row_length=max_length if p.pp > 1 else None,  # pipeline stages exchange fixed shapes
         multiple=p.tp * p.cp * 2 if p.sp or p.cp > 1 else 1,
         with_attention_mask=not torch.cuda.is_available(),  # CPU attention needs the block-diagonal mask
     )
@@ -171,7 +173,7 @@ def run_sft(recipe: Recipe) -> RunResult:
         dataset, seed=train.seed, eval_fraction=recipe.eval.split, global_batch_size=train.global_batch_size
     )
     trainer = build_trainer(recipe, lambda _dp: train.steps or (train.epochs or 1) * plan.steps_per_epoch)
-    collation = collation_for(recipe, int(dataset.metadata["max_length"]))
+    collation = collation_for(recipe)
     run_dir = Path(recipe.checkpoint.dir)
     if dist.get_rank() == 0:
         write_run_metadata(recipe, run_dir)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from glm45_train.config.recipe import Recipe, mtp_layers, validate_layout
+from glm45_train.config.recipe import Recipe, check_trainable_layout, mtp_layers, validate_layout
 from glm45_train.model.hf_config import Glm45Config, to_transformer_config
 from glm45_train.runtime import cpu, distributed
 
@@ -98,6 +98,7 @@ def transformer_config(recipe: Recipe, hf: Glm45Config) -> Any:
     train = recipe.train
     overrides: dict[str, Any] = dict(
         calculate_per_token_loss=True,  # loss = mean over every trained token of the global batch
+        pipeline_dtype=DTYPES[recipe.model.dtype],  # what pipeline stages send each other
         mtp_num_layers=mtp_layers(recipe, hf),
         mtp_loss_scaling_factor=train.mtp_loss_weight,
         moe_router_bias_update_rate=1e-3 if recipe.model.train_expert_bias else 0.0,
@@ -127,11 +128,31 @@ def load_base_weights(model: Any, source: str | Path) -> None:
                 f"{path} is an HF checkpoint; for tp > 1 convert it first with "
                 "`glm45-train export --to-mcore` and point model.source at the result"
             )
-        load_weights(model, HFTensorSource(path))
+        load_weights(model, _StageLayers(HFTensorSource(path), _first_layer_of_stage(model)))
         return
     from glm45_train.convert.mcore_io import load_mcore
 
     load_mcore(model, path)
+
+
+def _first_layer_of_stage(model: Any) -> int:
+    """Global index of this pipeline stage's first decoder layer (its module list counts from 0)."""
+    layers = model.decoder.layers
+    return layers[0].layer_number - 1 if len(layers) else 0
+
+
+class _StageLayers:
+    """A tensor source seen from one pipeline stage: its local `decoder.layers.i` are global layer `offset + i`."""
+
+    def __init__(self, source: Any, offset: int) -> None:
+        self.source, self.offset, self.hf = source, offset, source.hf
+
+    def get(self, name: str) -> torch.Tensor:
+        prefix = "decoder.layers."
+        if self.offset and name.startswith(prefix):
+            index, rest = name[len(prefix) :].split(".", 1)
+            name = f"{prefix}{int(index) + self.offset}.{rest}"
+        return self.source.get(name)
 
 
 def build_trainer(recipe: Recipe, total_steps_for: Any) -> Trainer:
@@ -140,6 +161,7 @@ def build_trainer(recipe: Recipe, total_steps_for: Any) -> Trainer:
 
     hf = model_config_of(recipe.model.source)
     validate_layout(recipe, world_size_from_env(), hf)  # before any process group exists
+    check_trainable_layout(recipe)
     distributed.initialize(recipe.parallel.layout(), seed=recipe.train.seed)
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
