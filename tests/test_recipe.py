@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from glm45_train.config.recipe import RecipeError, load_recipe, validate_layout
+from glm45_train.config.recipe import RecipeError, check_trainable_layout, load_recipe, validate_layout
 from glm45_train.model.hf_config import Glm45Config
 from tests.test_hf_config import AIR_RELEASE
 
@@ -80,3 +80,21 @@ def test_published_air_lora_layout_is_valid(recipe_file):
     hf = Glm45Config.from_dict(AIR_RELEASE)
     assert validate_layout(load_recipe(recipe_file, ["parallel.ep=4"]), 4, hf) == 4
     assert validate_layout(load_recipe(recipe_file, ["parallel.tp=4", "parallel.ep=4", "parallel.sp=true"]), 4, hf) == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        (["parallel.tp=2", "parallel.sp=true"], True),  # ep 1, etp 1: experts whole on TP ranks that see other tokens
+        (["parallel.etp=2"], True),  # ep 1: expert shards reduced over data parallel as if they were replicas
+        (["parallel.tp=2", "parallel.sp=true", "parallel.etp=2"], False),
+        (["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"], False),
+    ],
+)
+def test_layouts_megatron_would_train_wrongly_are_refused(recipe_file, overrides, refused):
+    recipe = load_recipe(recipe_file, overrides)
+    if refused:
+        with pytest.raises(RecipeError, match=r"parallel\.etp"):
+            check_trainable_layout(recipe)
+    else:
+        check_trainable_layout(recipe)
