@@ -1,6 +1,7 @@
-"""`glm45-train sft RECIPE.yaml [key=value ...] [--print-config]`: LoRA or full SFT.
+"""`glm45-train sft RECIPE.yaml [key=value ...] [--print-config] [--rehearse [--max-procs N]]`: LoRA or full SFT.
 
-Runs directly for one process or under torchrun for several; every rank runs this same command.
+Runs directly for one process or under torchrun for several; every rank runs this same command. `--rehearse`
+runs the recipe's layout on a scaled-down model on CPU processes instead (launch/rehearse.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,29 @@ def add_parser(subparsers) -> None:
     parser.add_argument("recipe", metavar="RECIPE.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.lr=2e-4")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    add_rehearse_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def add_rehearse_arguments(parser: argparse.ArgumentParser, what: str = "") -> None:
+    """Options `sft` and `submit` share."""
+    parser.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="run the recipe's parallel layout (tp/pp/ep/etp/cp/sp, LoRA, recompute as written) for 2 steps on a "
+        "scaled-down GLM-4.5 of its family, over gloo with CPU processes, and report PASS/FAIL" + what,
+    )
+    parser.add_argument(
+        "--max-procs", type=int, default=16, metavar="N", help="--rehearse: refuse layouts needing more (default 16)"
+    )
+
+
+def run_rehearsal(args: argparse.Namespace, config_hint: str | None = None) -> int:
+    from glm45_train.launch.rehearse import rehearse
+
+    result = rehearse(args.recipe, args.overrides, max_procs=args.max_procs, config_hint=config_hint)
+    print(result.report())
+    return 0 if result.passed else 1
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
 
     from glm45_train.config.recipe import load_recipe
 
+    if args.rehearse:
+        return run_rehearsal(args)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.print_config:
         print(OmegaConf.to_yaml(OmegaConf.structured(recipe)), end="")

@@ -4,7 +4,8 @@
 Checks before anything is written: the recipe (schema and overrides), its layout against nodes x GPUs, and
 on GPUs that `plan` says it fits (--force to submit anyway). Then the job is rendered from slurm/train.sbatch
 into CHECKPOINT_DIR/slurm/ with the resolved recipe next to it, and sbatch'ed (--dry-run prints it instead).
-`--gpus-per-node 0` renders a CPU job (gloo) for rehearsals and local Slurm tests.
+`--gpus-per-node 0` renders a CPU job (gloo) for rehearsals and local Slurm tests. `--rehearse` runs the
+recipe's layout on a scaled-down model on CPU processes here (launch/rehearse.py) and stops: nothing is submitted.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import argparse
 from pathlib import Path
 
 from glm45_train.cli.plan import add_plan_arguments
+from glm45_train.cli.sft import add_rehearse_arguments, run_rehearsal
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("submit", help="check a recipe, render its Slurm job and sbatch it")
     parser.add_argument("recipe", metavar="RECIPE.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.lr=2e-5")
-    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument("--nodes", type=int, help="required unless --rehearse")
     parser.add_argument("--gpus-per-node", type=int, default=8, metavar="G", help="default 8; 0 = CPU job (gloo)")
     parser.add_argument("--procs-per-node", type=int, metavar="P", help="CPU jobs: processes per node")
     parser.add_argument("--partition")
@@ -32,6 +34,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--force", action="store_true", help="submit even if plan says it does not fit")
     parser.add_argument("--dry-run", action="store_true", help="print the job; write and submit nothing")
     add_plan_arguments(parser)
+    add_rehearse_arguments(parser, "; then stop without submitting (--nodes and the Slurm options are not used)")
     parser.set_defaults(func=run)
 
 
@@ -40,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from glm45_train.launch import slurm
     from glm45_train.launch.model_parts import resolve_model_config
 
+    if args.rehearse:
+        return run_rehearsal(args, config_hint=args.config)
     recipe = load_recipe(args.recipe, args.overrides)
     hf = resolve_model_config(recipe.model.source, args.config)
     procs = _processes_per_node(args, recipe, hf)
@@ -80,6 +85,8 @@ def _processes_per_node(args: argparse.Namespace, recipe, hf) -> int:
     from glm45_train.config.recipe import RecipeError, validate_layout
     from glm45_train.errors import UserError
 
+    if args.nodes is None:
+        raise UserError("--nodes N is required (unless --rehearse)")
     if args.nodes < 1:
         raise UserError(f"--nodes must be >= 1, got {args.nodes}")
     if args.gpus_per_node > 0:
@@ -96,11 +103,12 @@ def _processes_per_node(args: argparse.Namespace, recipe, hf) -> int:
 
 
 def _check_fit(args: argparse.Namespace, recipe, hf, world: int) -> None:
-    from glm45_train.config.recipe import validate_layout
+    from glm45_train.config.recipe import check_trainable_layout, validate_layout
     from glm45_train.errors import UserError
     from glm45_train.launch.plan import GIB, plan
 
     validate_layout(recipe, world, hf)
+    check_trainable_layout(recipe)
     if args.gpus_per_node == 0:
         _note(f"submit: CPU job, {world} processes (layout checked; no GPU memory plan)")
         return
