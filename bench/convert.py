@@ -339,7 +339,7 @@ def main() -> None:
         sys.exit(f"{args.work.parent}: {free / 1e9:.0f} GB free, the benchmark needs 60 GB")
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
-    results = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__}}
+    results = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "load_before": os.getloadavg()}}
     try:
         results["moe2"] = round_trip(args.work, "moe2", air_config(args.moe_layers), args.repeats, with_copy=True)
         if "double" not in args.skip:
@@ -347,9 +347,11 @@ def main() -> None:
         if "naive" not in args.skip:
             results["naive"] = naive_comparison(args.work, args.naive_experts, args.repeats)
     finally:
+        results["machine"]["load_after"] = os.getloadavg()
         (args.work.parent / "convert-bench-results.json").write_text(json.dumps(results, indent=2) + "\n")
         shutil.rmtree(args.work, ignore_errors=True)
     print(report(results))
+    print(f"load average (1/5/15 min): before {results['machine']['load_before']}, after {os.getloadavg()}")
 
 
 if __name__ == "__main__":
