@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -30,6 +31,11 @@ class ParallelLayout:
     def model_parallel_size(self) -> int:
         """Processes holding one copy of the dense (non-expert) weights."""
         return self.tp * self.pp * self.cp
+
+    @property
+    def smallest_world(self) -> int:
+        """The fewest processes the layout runs on: model-parallel groups and expert groups both fill whole stages."""
+        return math.lcm(self.model_parallel_size, self.ep * self.etp * self.pp)
 
     def data_parallel_size(self, world_size: int) -> int:
         if world_size % self.model_parallel_size:

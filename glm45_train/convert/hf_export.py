@@ -123,19 +123,12 @@ class MtpFromBase:
         return self.run.get(name) if name not in self.from_base else self.base.get(name)
 
 
-def _copies_of(mapping: Glm45Mapping) -> dict[str, list[str]]:
-    copies: dict[str, list[str]] = {}
-    for copy, original in mapping.copies.items():
-        copies.setdefault(original, []).append(copy)
-    return copies
-
-
-def _production_order(source: McoreTensorSource | MtpFromBase | MtpFromBase, mapping: Glm45Mapping) -> list[str]:
+def _production_order(source: McoreTensorSource | MtpFromBase, mapping: Glm45Mapping) -> list[str]:
     """HF names in the order the export produces them: per mcore tensor, its parts each followed by its copies."""
-    copies_of, order = _copies_of(mapping), []
+    order = []
     for name in source.names():
         for hf_name, _ in mapping.row_runs(name):  # an mcore tensor the table does not know is an error here
-            order += [hf_name, *copies_of.get(hf_name, [])]
+            order += [hf_name, *mapping.copies_of.get(hf_name, [])]
     return order
 
 
@@ -148,7 +141,6 @@ def _stream_hf_weights(
 ) -> int:
     """Every HF tensor (MTP copies included), read and written concurrently; returns how many were written."""
     budget = ByteBudget(max_inflight_bytes)
-    copies_of = _copies_of(mapping)
     written = []
 
     def write(job: tuple[str, torch.Tensor, int]) -> None:
@@ -158,7 +150,7 @@ def _stream_hf_weights(
             dtype = writer.dtype(hf_name)
             if dtype not in as_dtype:
                 as_dtype[dtype] = _new(source.pool, tensor.shape, dtype).copy_(tensor)
-            for target in (hf_name, *copies_of.get(hf_name, [])):
+            for target in (hf_name, *mapping.copies_of.get(hf_name, [])):
                 for _, mcore_row, rows in sorted(runs):  # the HF tensor's rows, front to back
                     writer.append(target, as_dtype[dtype][mcore_row : mcore_row + rows])
                 progress.advance(writer.nbytes(target))

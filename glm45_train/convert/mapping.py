@@ -69,6 +69,9 @@ class Glm45Mapping:
         for entry in table.get("copies", []):
             for m in range(hf.num_nextn_predict_layers):
                 self.copies[self._hf_prefix("mtp", m) + entry["hf"]] = entry["source"]
+        self.copies_of: dict[str, list[str]] = {}  # HF source name -> its copies
+        for copy, original in self.copies.items():
+            self.copies_of.setdefault(original, []).append(copy)
         self._shapes = dict(hf_tensor_shapes(hf))
         self._hf_to_rule = {name: rule for rule in self.rules.values() for name in rule.hf}
         self._runs: dict[tuple[str, tuple[int, ...]], list[list[transforms.Run]]] = {}

@@ -45,10 +45,7 @@ class HFTensorSource:
         self.mapping = Glm45Mapping(self.hf, spec)  # type: ignore[arg-type]
         self.mapping.check_hf_names(self.reader.names())
         self.pool = pool
-        self.copies_of: dict[str, list[str]] = {}
-        if verify_copies:
-            for copy, original in self.mapping.copies.items():
-                self.copies_of.setdefault(original, []).append(copy)
+        self.verify_copies = verify_copies
 
     def get(self, mcore_name: str) -> torch.Tensor:
         """The mcore tensor, in its HF parts' dtype (in a pooled buffer when the source has a pool)."""
@@ -60,7 +57,7 @@ class HFTensorSource:
         for hf_name, part_runs in runs:
             for hf_row, mcore_row, rows in part_runs:
                 self.reader.read_into(hf_name, out[mcore_row : mcore_row + rows], row=hf_row)
-                for copy in self.copies_of.get(hf_name, []):
+                for copy in self.mapping.copies_of.get(hf_name, []) if self.verify_copies else ():
                     self._check_copy(copy, hf_name, out[mcore_row : mcore_row + rows], hf_row)
         return out
 
@@ -84,12 +81,30 @@ def global_expert_name(name: str, ep_rank: int, local_experts: int) -> str:
     return _LOCAL_EXPERT.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + ep_rank * local_experts}", name, count=1)
 
 
+def global_layer_name(name: str, first_layer: int) -> str:
+    """A pipeline stage's local decoder layer index -> the global one (global = local + the stage's first)."""
+    prefix = "decoder.layers."
+    if not first_layer or not name.startswith(prefix):
+        return name
+    index, rest = name[len(prefix) :].split(".", 1)
+    return f"{prefix}{int(index) + first_layer}.{rest}"
+
+
+def _first_layer_of_stage(module: torch.nn.Module) -> int:
+    """Global index of a whole GPTModel stage's first decoder layer (0 for a submodule or a single stage)."""
+    decoder = getattr(module, "decoder", None)
+    if decoder is None or not len(decoder.layers):
+        return 0
+    return decoder.layers[0].layer_number - 1
+
+
 @torch.no_grad()
 def load_weights(module: torch.nn.Module, source: TensorSource, prefix: str = "") -> int:
     """Copy every weight of `module` (whose state_dict names start at `prefix` in the full model) from `source`.
 
     Works for the whole GPTModel (prefix "") or one submodule, e.g. `model.decoder.layers[3]` with prefix
-    "decoder.layers.3.". Needs TP=1; any EP rank. Returns the number of tensors copied.
+    "decoder.layers.3.". Needs TP=1; any EP rank and any pipeline stage (a stage's module list counts its layers
+    from 0). Returns the number of tensors copied.
     """
     from megatron.core import parallel_state
 
@@ -97,6 +112,7 @@ def load_weights(module: torch.nn.Module, source: TensorSource, prefix: str = ""
         raise ValueError("load_weights needs TP=1; load torch_dist checkpoints for TP > 1")
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     local_experts = source.hf.n_routed_experts // parallel_state.get_expert_model_parallel_world_size()
+    first_layer = _first_layer_of_stage(module)
     loaded = 0
     for name, target in module.state_dict(keep_vars=True).items():
         if name.endswith("local_tokens_per_expert"):
@@ -104,7 +120,7 @@ def load_weights(module: torch.nn.Module, source: TensorSource, prefix: str = ""
             continue
         if name.endswith("_extra_state"):
             continue
-        full_name = global_expert_name(prefix + name, ep_rank, local_experts)
+        full_name = global_layer_name(global_expert_name(prefix + name, ep_rank, local_experts), first_layer)
         tensor = source.get(full_name)
         if tensor.shape != target.shape:
             raise MappingError(f"{full_name}: source shape {tuple(tensor.shape)} != model {tuple(target.shape)}")

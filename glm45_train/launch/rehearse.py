@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +82,8 @@ class Rehearsal:
 
 
 def world_size_for(recipe: Recipe) -> int:
-    """The fewest processes the layout runs on: model-parallel groups and expert groups both fill whole stages."""
-    p = recipe.parallel
-    return math.lcm(p.tp * p.pp * p.cp, p.ep * p.etp * p.pp)
+    """The fewest processes the recipe's layout runs on."""
+    return recipe.parallel.layout().smallest_world
 
 
 def check_process_count(recipe: Recipe, max_procs: int) -> int:
@@ -109,7 +108,7 @@ def _smaller_layout(recipe: Recipe, max_procs: int) -> tuple[list[str], int]:
     sizes = {"ep": p.ep, "tp": p.tp, "pp": p.pp}
 
     def world() -> int:
-        return math.lcm(sizes["tp"] * sizes["pp"] * p.cp, sizes["ep"] * p.etp * sizes["pp"])
+        return replace(p.layout(), ep=sizes["ep"], tp=sizes["tp"], pp=sizes["pp"]).smallest_world
 
     for key in sizes:
         while sizes[key] > 1 and world() > max_procs:

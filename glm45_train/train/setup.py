@@ -140,31 +140,11 @@ def load_base_weights(model: Any, source: str | Path) -> None:
                 f"{path} is an HF checkpoint; for tp > 1 convert it first with "
                 "`glm45-train export --to-mcore` and point model.source at the result"
             )
-        load_weights(model, _StageLayers(HFTensorSource(path), _first_layer_of_stage(model)))
+        load_weights(model, HFTensorSource(path))  # each pipeline stage its own layers
         return
     from glm45_train.convert.mcore_io import load_mcore
 
     load_mcore(model, path)
-
-
-def _first_layer_of_stage(model: Any) -> int:
-    """Global index of this pipeline stage's first decoder layer (its module list counts from 0)."""
-    layers = model.decoder.layers
-    return layers[0].layer_number - 1 if len(layers) else 0
-
-
-class _StageLayers:
-    """A tensor source seen from one pipeline stage: its local `decoder.layers.i` are global layer `offset + i`."""
-
-    def __init__(self, source: Any, offset: int) -> None:
-        self.source, self.offset, self.hf = source, offset, source.hf
-
-    def get(self, name: str) -> torch.Tensor:
-        prefix = "decoder.layers."
-        if self.offset and name.startswith(prefix):
-            index, rest = name[len(prefix) :].split(".", 1)
-            name = f"{prefix}{int(index) + self.offset}.{rest}"
-        return self.source.get(name)
 
 
 def build_trainer(recipe: Recipe, total_steps_for: Any) -> Trainer:
@@ -177,8 +157,9 @@ def build_trainer(recipe: Recipe, total_steps_for: Any) -> Trainer:
     distributed.initialize(recipe.parallel.layout(), seed=recipe.train.seed)
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
-    get_moe_layer_wise_logging_tracker().clear()  # per process, sized by the first model built: a later run in
-    # the same process (tests, notebooks) with another layer count would index past it
+    # Megatron's MoE loss tracker is per process, sized by the first model built: a later run in the same
+    # process (tests, notebooks) with another layer count would index past it.
+    get_moe_layer_wise_logging_tracker().clear()
     from glm45_train.model.build import build_model
 
     config = transformer_config(recipe, hf)
