@@ -57,7 +57,7 @@ def air_config(moe_layers: int, experts: int = 128, mtp: bool = True) -> dict:
 
 def verify_sample(hf_dir: Path, config: dict, every: int = 97) -> int:
     """Compare every `every`-th tensor of an exported checkpoint with its synthetic source; returns how many."""
-    from glm45_train.convert.hf_io import HFCheckpointReader
+    from glm45_train.formats.hf_io import HFCheckpointReader
     from glm45_train.model.hf_config import Glm45Config
     from glm45_train.model.hf_layout import hf_tensor_shapes
     from glm45_train.model.tiny import synthetic_tensor
@@ -112,7 +112,7 @@ def plain_copy(src: Path, dst: Path) -> None:
 
 def direct_copy(src: Path, dst: Path) -> None:
     """Every file read and written in 16 MiB O_DIRECT blocks: the disk's own copy throughput, no page cache."""
-    from glm45_train.convert.direct_io import Appender, aligned_empty, open_file
+    from glm45_train.formats.direct_io import Appender, aligned_empty, open_file
 
     block = aligned_empty(16 * 2**20)
     view = block.numpy().data.cast("B")
@@ -135,9 +135,9 @@ def naive_to_mcore(hf_dir: Path, out_dir: Path) -> None:
     """Load every HF tensor, convert all, fill a CPU model, save with Megatron's default torch_dist strategy."""
     from megatron.core import dist_checkpointing
 
-    from glm45_train.convert.hf_io import HFCheckpointReader
-    from glm45_train.convert.mapping import Glm45Mapping
-    from glm45_train.convert.sharded_layout import te_style_sharded_state_dict
+    from glm45_train.convert.mapping.table import Glm45Mapping
+    from glm45_train.convert.torch_dist.layout import te_style_sharded_state_dict
+    from glm45_train.formats.hf_io import HFCheckpointReader
     from glm45_train.model.build import build_model
     from glm45_train.model.hf_config import Glm45Config, to_transformer_config
     from glm45_train.runtime import distributed
@@ -158,10 +158,10 @@ def naive_to_hf(mcore_dir: Path, out_dir: Path) -> None:
     """Load the whole checkpoint into a CPU model, convert every tensor, save shards with safetensors."""
     from safetensors.torch import save_file
 
-    from glm45_train.convert.hf_io import plan_shards
-    from glm45_train.convert.mapping import Glm45Mapping
-    from glm45_train.convert.mcore_io import load_mcore
-    from glm45_train.convert.mcore_read import McoreTensorSource
+    from glm45_train.convert.load import load_mcore
+    from glm45_train.convert.mapping.table import Glm45Mapping
+    from glm45_train.convert.torch_dist.reader import McoreTensorSource
+    from glm45_train.formats.hf_io import plan_shards
     from glm45_train.model.build import build_model
     from glm45_train.model.hf_config import to_transformer_config
     from glm45_train.runtime import distributed
@@ -183,7 +183,8 @@ def naive_to_hf(mcore_dir: Path, out_dir: Path) -> None:
 
 
 def ours(direction: str, src: Path, dst: Path) -> None:
-    from glm45_train.convert.mcore_io import hf_to_mcore, mcore_to_hf
+    from glm45_train.convert.to_hf import mcore_to_hf
+    from glm45_train.convert.to_mcore import hf_to_mcore
 
     convert = hf_to_mcore if direction == "to-mcore" else mcore_to_hf
     print(convert(src, dst).format(), flush=True)

@@ -81,7 +81,7 @@ def chat_tokenizer(tiny_tokenizer_dir):
 @pytest.fixture(scope="session")
 def mcore_dirs(tiny_dirs, tmp_path_factory, megatron_world) -> dict[str, Path]:
     """Each tiny preset converted once to a Megatron checkpoint (bf16, TP=PP=EP=1). Read-only for tests."""
-    from glm45_train.convert.mcore_io import hf_to_mcore
+    from glm45_train.convert.to_mcore import hf_to_mcore
 
     root = tmp_path_factory.mktemp("mcore")
     return {preset: hf_to_mcore(path, root / preset).output_dir for preset, path in tiny_dirs.items()}

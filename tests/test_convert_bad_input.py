@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from glm45_train.cli.main import main as cli
-from glm45_train.convert.hf_io import CheckpointError
-from glm45_train.convert.mcore_io import hf_to_mcore
-from glm45_train.convert.tensor_source import HFTensorSource
+from glm45_train.convert.sources import HFTensorSource
+from glm45_train.convert.to_mcore import hf_to_mcore
+from glm45_train.formats.hf_io import CheckpointError
 
 
 @pytest.fixture

@@ -21,11 +21,13 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from glm45_train.convert.hf_io import HFCheckpointReader
-from glm45_train.convert.mapping import Glm45Mapping
-from glm45_train.convert.mcore_dir import McoreCheckpointDir
-from glm45_train.convert.mcore_io import McoreTensorSource, hf_to_mcore, mcore_to_hf
-from glm45_train.convert.tensor_source import HFTensorSource
+from glm45_train.convert.mapping.table import Glm45Mapping
+from glm45_train.convert.sources import HFTensorSource
+from glm45_train.convert.to_hf import mcore_to_hf
+from glm45_train.convert.to_mcore import hf_to_mcore
+from glm45_train.convert.torch_dist.directory import McoreCheckpointDir
+from glm45_train.convert.torch_dist.reader import McoreTensorSource
+from glm45_train.formats.hf_io import HFCheckpointReader
 from glm45_train.model.hf_config import Glm45Config
 from glm45_train.model.tiny import synthetic_tensor, tiny_config, write_synthetic
 from tests.conftest import REPO_ROOT

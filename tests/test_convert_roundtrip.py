@@ -13,9 +13,12 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 from glm45_train.cli.main import main as cli
-from glm45_train.convert.hf_io import HFCheckpointReader
-from glm45_train.convert.mcore_io import McoreTensorSource, hf_to_mcore, load_mcore, mcore_to_hf
-from glm45_train.convert.tensor_source import HFTensorSource, load_weights
+from glm45_train.convert.load import load_mcore
+from glm45_train.convert.sources import HFTensorSource, load_weights
+from glm45_train.convert.to_hf import mcore_to_hf
+from glm45_train.convert.to_mcore import hf_to_mcore
+from glm45_train.convert.torch_dist.reader import McoreTensorSource
+from glm45_train.formats.hf_io import HFCheckpointReader
 from glm45_train.model.build import build_model
 from glm45_train.model.hf_config import Glm45Config, to_transformer_config
 

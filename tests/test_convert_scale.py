@@ -26,12 +26,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from glm45_train.convert import transforms
-from glm45_train.convert.dcp_records import _plain_tensor_spec, crc32_off, read_record_into, write_record
-from glm45_train.convert.direct_io import Appender, read_into
-from glm45_train.convert.hf_io import CheckpointError, HFCheckpointReader, StreamingHFWriter
-from glm45_train.convert.mapping import Glm45Mapping
-from glm45_train.convert.pipeline import ByteBudget, Workers
+from glm45_train.convert.mapping import transforms
+from glm45_train.convert.mapping.table import Glm45Mapping
+from glm45_train.formats.buffers import ByteBudget, Workers
+from glm45_train.formats.dcp_records import _plain_tensor_spec, crc32_off, read_record_into, write_record
+from glm45_train.formats.direct_io import Appender, read_into
+from glm45_train.formats.hf_io import CheckpointError, HFCheckpointReader, StreamingHFWriter
 from glm45_train.model.hf_config import Glm45Config
 from glm45_train.model.hf_layout import hf_tensor_shapes
 from tests.conftest import REPO_ROOT
@@ -264,7 +264,7 @@ def test_a_failing_writer_thread_stops_the_reader_with_its_error():
 
 
 def test_read_ahead_keeps_order_and_the_budget():
-    from glm45_train.convert.pipeline import read_ahead
+    from glm45_train.formats.buffers import read_ahead
 
     budget, in_flight, lock = ByteBudget(10), [], threading.Lock()
     sizes = {f"t{i}": size for i, size in enumerate([3, 4, 25, 2, 6, 1, 9])}  # t2 is larger than the budget

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from glm45_train.convert.tensor_source import HFTensorSource, load_weights
+from glm45_train.convert.sources import HFTensorSource, load_weights
 from glm45_train.model.build import build_model
 from glm45_train.model.hf_config import to_transformer_config
 from tests.conftest import REPO_ROOT

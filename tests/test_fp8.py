@@ -14,10 +14,12 @@ import torch
 from safetensors import safe_open
 
 from glm45_train.cli.main import main as cli
-from glm45_train.convert.fp8 import BLOCK, PER_CHANNEL, dequantize, quantize
-from glm45_train.convert.hf_io import HFCheckpointReader
-from glm45_train.convert.mcore_io import McoreTensorSource, hf_to_mcore, mcore_to_hf
-from glm45_train.convert.precision import check
+from glm45_train.convert.precision.check import check
+from glm45_train.convert.to_hf import mcore_to_hf
+from glm45_train.convert.to_mcore import hf_to_mcore
+from glm45_train.convert.torch_dist.reader import McoreTensorSource
+from glm45_train.formats.fp8 import BLOCK, PER_CHANNEL, dequantize, quantize
+from glm45_train.formats.hf_io import HFCheckpointReader
 from glm45_train.model.tiny import make_tiny
 
 SCALE = {"per-channel": "weight_scale", "block": "weight_scale_inv"}

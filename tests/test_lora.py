@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from glm45_train.config.recipe import LoraSection
-from glm45_train.convert.tensor_source import HFTensorSource, load_weights
+from glm45_train.convert.sources import HFTensorSource, load_weights
 from glm45_train.lora import (
     LoraError,
     apply_lora,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from glm45_train.cli.main import main
-from glm45_train.convert import transforms
+from glm45_train.convert.mapping import transforms
 from glm45_train.lora.adapter_io import read_lora_run
 from glm45_train.lora.hf_export import export_merged, export_peft_adapter, peft_tensors
 from glm45_train.lora.merge_check import check_merged

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from glm45_train.cli.main import main
-from glm45_train.convert.hf_io import HFCheckpointReader
+from glm45_train.formats.hf_io import HFCheckpointReader
 from glm45_train.model.hf_config import Glm45Config
 from glm45_train.model.hf_layout import hf_tensor_shapes
 from glm45_train.model.tiny import make_tiny

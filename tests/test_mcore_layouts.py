@@ -15,10 +15,12 @@ import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
-from glm45_train.convert.hf_io import CheckpointError
-from glm45_train.convert.lazy_save import ChunkSource, chunk_of
-from glm45_train.convert.mapping import MappingError
-from glm45_train.convert.mcore_io import McoreTensorSource, load_mcore, mcore_to_hf
+from glm45_train.convert.load import load_mcore
+from glm45_train.convert.mapping.table import MappingError
+from glm45_train.convert.to_hf import mcore_to_hf
+from glm45_train.convert.torch_dist.chunks import ChunkSource, chunk_of
+from glm45_train.convert.torch_dist.reader import McoreTensorSource
+from glm45_train.formats.hf_io import CheckpointError
 from glm45_train.model.build import build_model
 from glm45_train.model.forward import logits
 from glm45_train.model.hf_config import to_transformer_config

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from glm45_train.convert.tensor_source import HFTensorSource, load_weights
+from glm45_train.convert.sources import HFTensorSource, load_weights
 from glm45_train.data.prepared import collate, shift_for_training
 from glm45_train.model.build import build_model
 from glm45_train.model.forward import without_mtp

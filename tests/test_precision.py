@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from glm45_train.convert import transforms
-from glm45_train.convert.mapping import MappingError
-from glm45_train.convert.precision import check
-from glm45_train.convert.tensor_source import HFTensorSource
+from glm45_train.convert.mapping import transforms
+from glm45_train.convert.mapping.table import MappingError
+from glm45_train.convert.precision.check import check
+from glm45_train.convert.sources import HFTensorSource
 from glm45_train.model.tiny import make_tiny
 
 

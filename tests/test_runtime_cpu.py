@@ -67,7 +67,7 @@ def test_default_causal_mask_is_built_on_cpu():
 
 
 def test_full_recompute_gives_the_same_gradients(megatron_world, tiny_air):
-    from glm45_train.convert.tensor_source import HFTensorSource, load_weights
+    from glm45_train.convert.sources import HFTensorSource, load_weights
     from glm45_train.model.build import build_model
     from glm45_train.model.hf_config import to_transformer_config
 

@@ -150,7 +150,7 @@ def test_lora_stops_on_sigusr1_and_resumes_where_it_stopped(tiny_air, tmp_path, 
 def test_full_sft_without_mtp_loss_builds_no_mtp_and_exports_the_base_mtp(megatron_world, tiny_air, tmp_path, capsys):
     """train.mtp_loss_weight = 0 (the published recipes): no MTP block is built or saved; the HF export takes the
     MTP layer from the base unchanged, so the exported model keeps it."""
-    from glm45_train.convert.hf_io import HFCheckpointReader
+    from glm45_train.formats.hf_io import HFCheckpointReader
 
     run_dir, out = tmp_path / "run", tmp_path / "hf"
     args = [

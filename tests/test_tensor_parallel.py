@@ -14,7 +14,7 @@ TP2_SP = ("parallel.tp=2", "parallel.sp=true", "parallel.ep=2")
 
 @pytest.fixture(scope="module")
 def tiny_mcore(tiny_air, tmp_path_factory) -> Path:
-    from glm45_train.convert.mcore_io import hf_to_mcore
+    from glm45_train.convert.to_mcore import hf_to_mcore
 
     out = tmp_path_factory.mktemp("tp") / "mcore"
     hf_to_mcore(tiny_air, out, dtype="fp32")

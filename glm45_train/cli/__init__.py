@@ -1,0 +1,1 @@
+"""Command line: one small module per command, each parsing argv and calling one library function."""

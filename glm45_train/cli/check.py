@@ -22,8 +22,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from glm45_train.convert.precision import check
-    from glm45_train.convert.tensor_source import open_source
+    from glm45_train.convert.precision.check import check
+    from glm45_train.convert.sources import open_source
 
     report = check(args.hf_dir, open_source(args.mcore_dir), dtype=args.dtype, layerwise=args.layerwise)
     print(report.format())

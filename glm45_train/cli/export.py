@@ -48,8 +48,9 @@ def _positive_int(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from glm45_train.config.layout import ParallelLayout
-    from glm45_train.convert.mcore_io import hf_to_mcore, mcore_to_hf
-    from glm45_train.convert.mcore_read import McoreTensorSource
+    from glm45_train.convert.to_hf import mcore_to_hf
+    from glm45_train.convert.to_mcore import hf_to_mcore
+    from glm45_train.convert.torch_dist.reader import McoreTensorSource
     from glm45_train.errors import UserError
     from glm45_train.hub.fetch import resolve_model_dir
 
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     _print(summary.format())
     if not args.test_precision:
         return 0
-    from glm45_train.convert.precision import check
+    from glm45_train.convert.precision.check import check
 
     report = check(hf_dir, McoreTensorSource(mcore_dir), dtype="fp32")
     _print(report.format())
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 def _is_lora_run(path: str) -> bool:
     from pathlib import Path
 
-    from glm45_train.convert.mcore_dir import METADATA_NAME
+    from glm45_train.convert.torch_dist.directory import METADATA_NAME
 
     metadata = Path(path) / METADATA_NAME
     return metadata.exists() and '"kind": "lora"' in metadata.read_text()
@@ -120,7 +121,7 @@ def _print(text: str) -> None:
 
 
 class TqdmProgress:
-    """Bytes written, with rate and ETA (the `Progress` protocol of convert/summary.py)."""
+    """Bytes written, with rate and ETA (the `Progress` protocol of formats/progress.py)."""
 
     def __init__(self, description: str) -> None:
         self.description = description

@@ -1,0 +1,1 @@
+"""Recipes: the typed schema with strict loading and key suggestions (recipe.py), parallel layouts (layout.py)."""

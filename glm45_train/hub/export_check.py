@@ -8,7 +8,7 @@ Two kinds are publishable:
   list the same tensors; a `.safetensors` file the index does not name is refused too;
 - a PEFT adapter (`export --adapter-only`): adapter_config.json (LoRA, naming its base model) and
   adapter_model.safetensors (header parses, exact size). The tokenizer files it carries are not required.
-Whatever an interrupted write leaves behind is refused: `*.partial` (hf_io.py's shards, mcore_dir.py's staging
+Whatever an interrupted write leaves behind is refused: `*.partial` (hf_io.py's shards, torch_dist/directory.py's staging
 directory) and `*.incomplete` (hub downloads). Only headers are read, with plain reads (no memory map), so checking a
 700 GB export reads a few megabytes.
 """
@@ -20,9 +20,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from glm45_train.convert import safetensors_format as st
-from glm45_train.convert.hf_io import INDEX_NAME, HFCheckpointReader
 from glm45_train.errors import UserError
+from glm45_train.formats import safetensors_format as st
+from glm45_train.formats.hf_io import INDEX_NAME, HFCheckpointReader
 from glm45_train.model.hf_config import Glm45Config
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -1,0 +1,1 @@
+"""Inference on exported checkpoints: streaming chat through transformers."""

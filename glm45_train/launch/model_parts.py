@@ -46,7 +46,7 @@ def resolve_model_config(source: str, override: str | None = None) -> Glm45Confi
             return Glm45Config.from_file(candidate)
     if path.is_dir():
         with contextlib.suppress(UserError):
-            from glm45_train.convert.mcore_dir import McoreCheckpointDir
+            from glm45_train.convert.torch_dist.directory import McoreCheckpointDir
 
             return Glm45Config.from_dict(McoreCheckpointDir(path).hf_config, source=str(path))
     what = "--config" if override else "model.source"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from glm45_train.config.recipe import LoraSection, Recipe, load_recipe, mtp_layers
-from glm45_train.convert.mcore_dir import McoreCheckpointDir
+from glm45_train.convert.torch_dist.directory import McoreCheckpointDir
 from glm45_train.errors import UserError
 from glm45_train.lora.apply import apply_lora
 from glm45_train.lora.state import lora_sharded_state_dict

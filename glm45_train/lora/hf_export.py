@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from glm45_train.convert.hf_io import HFCheckpointWriter
-from glm45_train.convert.mapping import Glm45Mapping
-from glm45_train.convert.mcore_dir import check_output_dir, fresh_staging_dir, publish
+from glm45_train.convert.mapping.table import Glm45Mapping
+from glm45_train.convert.torch_dist.directory import check_output_dir, fresh_staging_dir, publish
 from glm45_train.errors import UserError
+from glm45_train.formats.hf_io import HFCheckpointWriter
 from glm45_train.lora.adapter_io import LoraRun, read_lora_run
 from glm45_train.lora.state import base_weight_name, lora_deltas
 
@@ -32,7 +32,7 @@ PEFT_PREFIX = "base_model.model."
 
 
 def _base_source(run: LoraRun):
-    from glm45_train.convert.tensor_source import open_source
+    from glm45_train.convert.sources import open_source
 
     return open_source(run.base)
 
@@ -87,7 +87,7 @@ def _as(tensor: torch.Tensor, dtype: torch.dtype | None, hf_name: str) -> torch.
 
 def peft_tensors(run: LoraRun) -> dict[str, torch.Tensor]:
     """Every adapter under HF-PEFT names (`base_model.model.<HF module>.lora_A.weight` / `.lora_B.weight`)."""
-    from glm45_train.convert import transforms
+    from glm45_train.convert.mapping import transforms
 
     mapping = Glm45Mapping(run.hf, "local")
     hf = run.hf

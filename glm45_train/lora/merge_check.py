@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from glm45_train.convert.precision import Diff, PrecisionReport, sample_tokens
+from glm45_train.convert.precision.check import Diff, PrecisionReport, sample_tokens
 from glm45_train.lora.adapter_io import LoraRun
 
 
@@ -16,7 +16,7 @@ def check_merged(run: LoraRun, merged_dir: str | Path, dtype: str = "fp32") -> P
     from transformers import AutoModelForCausalLM
 
     from glm45_train.config.recipe import mtp_layers
-    from glm45_train.convert.tensor_source import load_weights, open_source
+    from glm45_train.convert.sources import load_weights, open_source
     from glm45_train.lora import apply_lora, load_lora_state_dict
     from glm45_train.model.build import build_model
     from glm45_train.model.forward import logits

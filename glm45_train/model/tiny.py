@@ -12,7 +12,7 @@ function of (preset, seed) and independent of write order.
 real-shape GLM-4.5-Air layers, the interrupt test's mid-size model) with cheap deterministic contents: windows
 of one random pool at per-tensor offsets, written a block of rows at a time (memory: one block).
 
-`fp8="per-channel"|"block"` writes the same weights quantised as the FP8 releases are (convert/fp8.py): the
+`fp8="per-channel"|"block"` writes the same weights quantised as the FP8 releases are (formats/fp8.py): the
 projection matrices in float8_e4m3fn with their `weight_scale` / `weight_scale_inv` tensors and the matching
 `quantization_config`; norms, biases, the router, embeddings and output heads stay bf16 (fp32 expert bias).
 """
@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from glm45_train.convert.fp8 import SCHEMES, quantization_config, quantize
-from glm45_train.convert.hf_io import HFCheckpointWriter, StreamingHFWriter
+from glm45_train.formats.fp8 import SCHEMES, quantization_config, quantize
+from glm45_train.formats.hf_io import HFCheckpointWriter, StreamingHFWriter
 from glm45_train.model.hf_config import Glm45Config
 from glm45_train.model.hf_layout import EXPERT_BIAS_KEY, MTP_COPIES, hf_tensor_shapes
 from glm45_train.model.tokenizer import stop_token_ids, vocab_size_for, write_tokenizer

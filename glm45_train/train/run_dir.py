@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from glm45_train.config.recipe import Recipe
-from glm45_train.convert.mcore_dir import ASSETS_DIR, McoreCheckpointDir, copy_assets, write_metadata
+from glm45_train.convert.torch_dist.directory import ASSETS_DIR, McoreCheckpointDir, copy_assets, write_metadata
 
 
 def write_run_metadata(recipe: Recipe, run_dir: Path) -> None:

@@ -60,7 +60,7 @@ class Trainer:
             from glm45_train.lora import lora_sharded_state_dict
 
             return lora_sharded_state_dict(self.module)
-        from glm45_train.convert.sharded_layout import te_style_sharded_state_dict
+        from glm45_train.convert.torch_dist.layout import te_style_sharded_state_dict
 
         # the converter's key convention: a full-SFT checkpoint exports with `export --to-hf` like a converted one
         return te_style_sharded_state_dict(self.module, for_save=for_save)
@@ -85,7 +85,7 @@ def model_config_of(source: str | Path) -> Glm45Config:
     path = Path(source)
     if (path / "config.json").exists():
         return Glm45Config.from_file(path)
-    from glm45_train.convert.mcore_read import McoreTensorSource
+    from glm45_train.convert.torch_dist.reader import McoreTensorSource
 
     return McoreTensorSource(path).hf
 
@@ -133,7 +133,7 @@ def load_base_weights(model: Any, source: str | Path) -> None:
     if (path / "config.json").exists():
         from megatron.core import parallel_state
 
-        from glm45_train.convert.tensor_source import HFTensorSource, load_weights
+        from glm45_train.convert.sources import HFTensorSource, load_weights
 
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             raise ValueError(
@@ -142,7 +142,7 @@ def load_base_weights(model: Any, source: str | Path) -> None:
             )
         load_weights(model, HFTensorSource(path))  # each pipeline stage its own layers
         return
-    from glm45_train.convert.mcore_io import load_mcore
+    from glm45_train.convert.load import load_mcore
 
     load_mcore(model, path)
 

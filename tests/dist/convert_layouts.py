@@ -37,14 +37,9 @@ def rank_report(model: str, tp: int, pp: int, ep: int, world: int, rank: int) ->
     from megatron.core import parallel_state
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from glm45_train.convert.lazy_save import chunk_region
-    from glm45_train.convert.mapping import Glm45Mapping
-    from glm45_train.convert.sharded_layout import (
-        TensorIndex,
-        build_meta_model,
-        sharded_tensors,
-        te_style_sharded_state_dict,
-    )
+    from glm45_train.convert.torch_dist.chunks import chunk_region
+    from glm45_train.convert.mapping.table import Glm45Mapping
+    from glm45_train.convert.torch_dist.layout import TensorIndex, build_meta_model, sharded_tensors, te_style_sharded_state_dict
     from glm45_train.model.hf_config import Glm45Config
     from glm45_train.runtime import cpu
 
@@ -83,7 +78,7 @@ def _run(args: tuple) -> dict:
 
 
 def main(out_path: str, *layouts: str) -> None:
-    from glm45_train.convert.mapping import Glm45Mapping
+    from glm45_train.convert.mapping.table import Glm45Mapping
     from glm45_train.model.hf_config import Glm45Config
     from glm45_train.runtime import cpu
 

@@ -25,7 +25,8 @@ def main(hf_dir: str, out_dir: str) -> None:
     from megatron.core import parallel_state
 
     from glm45_train.config.layout import ParallelLayout
-    from glm45_train.convert.tensor_source import HFTensorSource, global_expert_name, load_weights
+    from glm45_train.convert.sources import HFTensorSource, load_weights
+    from glm45_train.convert.mapping.names import global_expert_name
     from glm45_train.model.build import build_model
     from glm45_train.model.hf_config import to_transformer_config
     from glm45_train.runtime import distributed

@@ -56,7 +56,7 @@ def main(hf_dir: str, out_dir: str) -> None:
     from megatron.core import dist_checkpointing
 
     from glm45_train.config.layout import ParallelLayout
-    from glm45_train.convert.tensor_source import HFTensorSource, load_weights
+    from glm45_train.convert.sources import HFTensorSource, load_weights
     from glm45_train.lora import apply_lora, load_lora_state_dict, lora_sharded_state_dict, lora_state_dict
     from glm45_train.model.build import build_model
     from glm45_train.model.hf_config import to_transformer_config

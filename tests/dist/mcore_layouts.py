@@ -25,7 +25,7 @@ def input_ids(vocab_size: int) -> torch.Tensor:
 
 def write_all(hf_dirs: dict[str, str], out: Path) -> None:
     from glm45_train.config.layout import ParallelLayout
-    from glm45_train.convert.mcore_io import hf_to_mcore
+    from glm45_train.convert.to_mcore import hf_to_mcore
 
     for preset, hf_dir in hf_dirs.items():
         for name, sizes in LAYOUTS.items():
@@ -36,8 +36,9 @@ def load_and_run(mcore_dir: str, out: Path, name: str) -> None:
     from megatron.core import parallel_state
 
     from glm45_train.config.layout import ParallelLayout
-    from glm45_train.convert.mcore_io import McoreTensorSource, load_mcore
-    from glm45_train.convert.sharded_layout import TensorIndex
+    from glm45_train.convert.torch_dist.reader import McoreTensorSource
+    from glm45_train.convert.load import load_mcore
+    from glm45_train.convert.torch_dist.layout import TensorIndex
     from glm45_train.model.build import build_model
     from glm45_train.model.forward import logits
     from glm45_train.model.hf_config import to_transformer_config

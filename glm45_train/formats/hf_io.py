@@ -24,9 +24,9 @@ from typing import Protocol
 
 import torch
 
-from glm45_train.convert import direct_io
-from glm45_train.convert import safetensors_format as st
 from glm45_train.errors import UserError
+from glm45_train.formats import direct_io
+from glm45_train.formats import safetensors_format as st
 
 INDEX_NAME = "model.safetensors.index.json"
 Planned = tuple[str, tuple[int, ...], torch.dtype]  # name, shape, dtype

@@ -4,26 +4,25 @@ A tensor source answers `get(mcore_name)` with the full TP=1/EP=1 tensor for a G
 the local (CPU) layer spec. `HFTensorSource` converts from an HF checkpoint through the mapping table, reading
 each HF tensor's rows straight into their place in the mcore tensor (`Glm45Mapping.row_runs`), dequantising FP8
 checkpoints on the way (fp8.py); given a `BufferPool`, results live in pooled buffers the caller releases.
-An mcore checkpoint source (convert/mcore_read.py) reads a torch_dist checkpoint. `load_weights` fills any
+An mcore checkpoint source (torch_dist/reader.py) reads a torch_dist checkpoint. `load_weights` fills any
 submodule of a built model (one layer at a time in the layerwise precision check), honouring the EP rank's
 expert offset.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Protocol
 
 import torch
 
-from glm45_train.convert.fp8 import open_hf_reader
-from glm45_train.convert.mapping import Glm45Mapping, MappingError
-from glm45_train.convert.pipeline import BufferPool
+from glm45_train.convert.mapping.names import global_expert_name, global_layer_name
+from glm45_train.convert.mapping.table import Glm45Mapping, MappingError
+from glm45_train.formats.buffers import BufferPool
+from glm45_train.formats.fp8 import open_hf_reader
 from glm45_train.model.hf_config import Glm45Config
 
 # Buffers that are runtime state, not weights.
 RUNTIME_STATE = ("local_tokens_per_expert", "_extra_state")
-_LOCAL_EXPERT = re.compile(r"(local_experts\.|linear_fc[12]\.weight)(\d+)")
 
 
 class TensorSource(Protocol):
@@ -74,22 +73,6 @@ class HFTensorSource:
                 raise self.mapping.copy_mismatch(copy)
 
 
-def global_expert_name(name: str, ep_rank: int, local_experts: int) -> str:
-    """Local expert index -> global one (global = local + ep_rank * experts per rank)."""
-    if ".mlp.experts." not in name:
-        return name
-    return _LOCAL_EXPERT.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + ep_rank * local_experts}", name, count=1)
-
-
-def global_layer_name(name: str, first_layer: int) -> str:
-    """A pipeline stage's local decoder layer index -> the global one (global = local + the stage's first)."""
-    prefix = "decoder.layers."
-    if not first_layer or not name.startswith(prefix):
-        return name
-    index, rest = name[len(prefix) :].split(".", 1)
-    return f"{prefix}{int(index) + first_layer}.{rest}"
-
-
 def _first_layer_of_stage(module: torch.nn.Module) -> int:
     """Global index of a whole GPTModel stage's first decoder layer (0 for a submodule or a single stage)."""
     decoder = getattr(module, "decoder", None)
@@ -136,6 +119,6 @@ def open_source(path, pool: BufferPool | None = None) -> TensorSource:
     path = Path(path)
     if (path / "model.safetensors.index.json").exists() or (path / "model.safetensors").exists():
         return HFTensorSource(path, pool=pool)
-    from glm45_train.convert.mcore_io import McoreTensorSource
+    from glm45_train.convert.torch_dist.reader import McoreTensorSource
 
     return McoreTensorSource(path, pool=pool)

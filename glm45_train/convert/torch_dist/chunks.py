@@ -1,16 +1,9 @@
-"""Write a Megatron torch_dist checkpoint whose tensor data is produced only when the writer asks for it.
+"""Chunks of full model tensors for the torch_dist writers: converted once, sliced by checkpoint offsets.
 
-`megatron.core.dist_checkpointing.save` stays the entry point (factories, sharding validation, `common.pt`,
-`metadata.json`); it is given `LazyTorchDistSaveStrategy` (backend torch_dist, version 1, so any Megatron loads
-the result). That strategy converts the sharded state dict to a PyTorch-DCP state dict with megatron's own two
-steps and calls `torch.distributed.checkpoint.save` with `LazySavePlanner`, whose `resolve_data` materialises each
-write item on demand: the item's meta view names a model tensor (`TensorIndex`), `ChunkSource` converts that whole
-tensor once (TP=1 layout, e.g. from HF), slices the item's chunk by the checkpoint's global offsets and drops the
-full tensor after its last chunk. Memory: the tensors in flight, never the model. The storage writer is
-`StreamingFileSystemWriter` (dcp_writer.py): it converts and writes at the same time, chunk views without copies.
-
-Not megatron's default (async) torch_dist strategy: it resolves and preloads every item up front.
-`_replace_state_dict_keys_with_sharded_keys` is private in megatron-core: pinned to 0.16.1 in pyproject.toml.
+A checkpoint stores each model tensor as chunks (TP/ETP shards, SwiGLU gate/up halves, one expert each).
+`ChunkSource` converts a whole tensor once (TP=1 layout, e.g. from HF) the first time one of its chunks is asked
+for, hands out the chunks (as views where the writer can take them, lazy_save.py / writer.py) and drops the full
+tensor after its last chunk: memory holds the tensors in flight, never the model.
 """
 
 from __future__ import annotations
@@ -19,23 +12,14 @@ import math
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
-from pathlib import Path
-from typing import Any
 
 import torch
-from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
-from megatron.core.dist_checkpointing.strategies.torch import (
-    MCoreSavePlanner,
-    _replace_state_dict_keys_with_sharded_keys,
-    mcore_to_pyt_state_dict,
-)
-from torch.distributed import checkpoint as dcp
-from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner import WriteItem
 
-from glm45_train.convert.mapping import MappingError
-from glm45_train.convert.pipeline import BufferPool
-from glm45_train.convert.sharded_layout import TensorIndex
-from glm45_train.convert.summary import NullProgress, Progress
+from glm45_train.convert.mapping.table import MappingError
+from glm45_train.convert.torch_dist.layout import TensorIndex
+from glm45_train.formats.buffers import BufferPool
+from glm45_train.formats.progress import NullProgress, Progress
 
 FullTensor = Callable[[str], torch.Tensor]  # model tensor name (global experts, TP=1) -> full tensor
 
@@ -64,7 +48,7 @@ class ChunkSource:
     """Chunks of full tensors for the writer; each full tensor is converted once and kept until its last chunk.
 
     Two ways to be asked: `chunk(view, item)` returns an independent chunk (DCP's `resolve_data` path), and the
-    streaming writer (dcp_writer.py) uses `acquire` / `region` / `done` to write chunks that are views of the
+    streaming writer (writer.py) uses `acquire` / `region` / `done` to write chunks that are views of the
     full tensor without copying. With a `BufferPool`, full tensors come from it and go back after their last chunk.
     """
 
@@ -145,7 +129,7 @@ class ChunkSource:
     def done(self, name: str, full: torch.Tensor, item: WriteItem, chunk: torch.Tensor | None = None) -> bool:
         """The item's chunk is written: account for it, free a copied chunk, drop `full` after its last chunk
         (returns whether it was the last)."""
-        nbytes = _item_bytes(item)
+        nbytes = item_bytes(item)
         if chunk is not None and self.pool is not None and not _same_memory(chunk, full):
             self.pool.release(chunk)
         with self._lock:
@@ -168,48 +152,7 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-class LazySavePlanner(MCoreSavePlanner):
-    """MCoreSavePlanner (objects written on every rank) whose tensor items come from a `ChunkSource`."""
-
-    def __init__(self, chunks: ChunkSource) -> None:
-        super().__init__(flatten_state_dict=False)
-        self.chunks = chunks
-
-    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
-        plan = super().finish_plan(new_plan)
-        tensor_items = [item for item in plan.items if item.type != WriteItemType.BYTE_IO]
-        self.chunks.expect(self.lookup_object(item.index) for item in tensor_items)
-        self.chunks.progress.start(sum(_item_bytes(item) for item in tensor_items))
-        return plan
-
-    def resolve_data(self, write_item: WriteItem) -> Any:
-        if write_item.type == WriteItemType.BYTE_IO:
-            return super().resolve_data(write_item)
-        return self.chunks.chunk(self.lookup_object(write_item.index), write_item)
-
-
-def _item_bytes(item: WriteItem) -> int:
+def item_bytes(item: WriteItem) -> int:
     data = item.tensor_data
     assert data is not None
     return math.prod(data.chunk.sizes) * data.properties.dtype.itemsize
-
-
-class LazyTorchDistSaveStrategy(SaveShardedStrategy):
-    """A synchronous torch_dist (version 1) save strategy with lazily resolved tensor data."""
-
-    def __init__(self, chunks: ChunkSource, thread_count: int = 2) -> None:
-        super().__init__("torch_dist", 1)
-        self.chunks, self.thread_count = chunks, thread_count
-
-    def save(self, sharded_state_dict: dict[str, Any], checkpoint_dir: str | Path) -> None:
-        by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
-        pyt_state_dict = mcore_to_pyt_state_dict(by_key, is_loading=False)
-        from glm45_train.convert.dcp_writer import StreamingFileSystemWriter  # it builds on ChunkSource
-
-        writer = StreamingFileSystemWriter(checkpoint_dir, self.chunks, thread_count=self.thread_count)
-        dcp.save(pyt_state_dict, storage_writer=writer, planner=LazySavePlanner(self.chunks))
-        self.chunks.check_complete()
-
-    @property
-    def can_handle_sharded_objects(self) -> bool:
-        return True

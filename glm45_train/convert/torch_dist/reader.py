@@ -1,11 +1,11 @@
 """Reading a torch_dist checkpoint one model tensor (or a small batch of them) at a time.
 
-`McoreTensorSource` is a `TensorSource` (see tensor_source.py) over a Megatron checkpoint: `get(name)` returns the
+`McoreTensorSource` is a `TensorSource` (see convert/sources.py) over a Megatron checkpoint: `get(name)` returns the
 full TP=1 tensor of a local-spec GPTModel state_dict name (experts by global index), e.g. for the precision check
 or for exporting to HF. Where each tensor lies in the checkpoint is asked of Megatron itself: the TP=1 model is
 built on `meta`, its TE-style sharded state dict says which checkpoint key, offsets and view make up each tensor
 (the SwiGLU fc1 is two chunks of one key; an expert is one slab of `experts.experts.*`). The stored chunks of
-those regions are found in the checkpoint's `.metadata` and read record by record (dcp_records.py): straight
+those regions are found in the checkpoint's `.metadata` and read record by record (formats/dcp_records.py): straight
 into the destination when a stored chunk is exactly the region (any checkpoint written at TP=1), else through a
 buffer from which the overlap is copied (checkpoints written at other layouts). Only those bytes are read.
 """
@@ -24,17 +24,17 @@ from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_read
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 
 from glm45_train.config.layout import ParallelLayout
-from glm45_train.convert.dcp_records import read_record_into
-from glm45_train.convert.hf_io import CheckpointError
-from glm45_train.convert.mcore_dir import METADATA_NAME, McoreCheckpointDir
-from glm45_train.convert.pipeline import BufferPool
-from glm45_train.convert.sharded_layout import (
+from glm45_train.convert.torch_dist.directory import METADATA_NAME, McoreCheckpointDir
+from glm45_train.convert.torch_dist.layout import (
     TensorIndex,
     build_meta_model,
     current_layout,
     sharded_tensors,
     te_style_sharded_state_dict,
 )
+from glm45_train.formats.buffers import BufferPool
+from glm45_train.formats.dcp_records import read_record_into
+from glm45_train.formats.hf_io import CheckpointError
 from glm45_train.model.hf_config import Glm45Config
 
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from glm45_train.convert.hf_io import CheckpointError, HFCheckpointReader, TensorReader
 from glm45_train.errors import UserError
+from glm45_train.formats.hf_io import CheckpointError, HFCheckpointReader, TensorReader
 
 FP8 = "F8_E4M3"
 _ROWS_PER_STEP = 16 * 2**20  # elements dequantised at once (bounds the fp32 temporary to 64 MiB)

@@ -1,16 +1,15 @@
-"""HF <-> Megatron torch_dist checkpoints, streaming both ways, and loading a checkpoint into any built model.
+"""HF -> Megatron torch_dist, streaming: `hf_to_mcore(hf_dir, out_dir, layout=ParallelLayout(tp=2), dtype="bf16")`.
 
-    hf_to_mcore(hf_dir, out_dir, layout=ParallelLayout(tp=2), dtype="bf16")   HF -> Megatron-LM layout, TE-style keys
-    mcore_to_hf(mcore_dir, out_dir)            Megatron -> HF (hf_export.py, re-exported here)
-    load_mcore(model, mcore_dir)               any layout, local or TE spec, via dist_checkpointing.load
+The Megatron-LM directory layout with Transformer-Engine-style keys. The reverse direction is to_hf.py; loading a
+checkpoint into a built model is load.py.
 
 `hf_to_mcore` validates the whole source first (index, shard headers, names, shapes) so bad input fails before
 anything is written; MTP copies are compared with their sources while those are streamed (failing the conversion,
 which leaves no output). It runs in one process or under torchrun at the requested layout: each rank builds its
-part of the model on `meta` and writes only its own shards (lazy_save.py); rank 0 adds the metadata and publishes
-the directory. The writer converts and writes at once, chunk views without copies, in bounded memory
-(dcp_writer.py); FP8 sources are dequantised to bf16 as they are read (fp8.py). Both directions write under a
-temporary name and rename at the end (mcore_dir.py).
+part of the model on `meta` and writes only its own shards (torch_dist/lazy_save.py); rank 0 adds the metadata
+and publishes the directory. The writer converts and writes at once, chunk views without copies, in bounded
+memory (torch_dist/writer.py); FP8 sources are dequantised to bf16 as they are read (formats/fp8.py). Output is
+written under a temporary name and renamed at the end (torch_dist/directory.py).
 """
 
 from __future__ import annotations
@@ -27,13 +26,11 @@ import torch.distributed as dist
 
 from glm45_train import __version__
 from glm45_train.config.layout import ParallelLayout
-from glm45_train.convert.fp8 import DequantisingReader
-from glm45_train.convert.hf_export import mcore_to_hf
-from glm45_train.convert.lazy_save import ChunkSource, LazyTorchDistSaveStrategy
-from glm45_train.convert.mcore_dir import (
+from glm45_train.convert.sources import HFTensorSource
+from glm45_train.convert.torch_dist.chunks import ChunkSource
+from glm45_train.convert.torch_dist.directory import (
     ASSETS_DIR,
     RELEASE,
-    McoreCheckpointDir,
     check_output_dir,
     copy_assets,
     fresh_staging_dir,
@@ -42,19 +39,17 @@ from glm45_train.convert.mcore_dir import (
     write_metadata,
     write_tracker,
 )
-from glm45_train.convert.mcore_read import McoreTensorSource
-from glm45_train.convert.pipeline import BufferPool
-from glm45_train.convert.sharded_layout import (
+from glm45_train.convert.torch_dist.layout import (
     TensorIndex,
     build_meta_model,
     current_layout,
     te_style_sharded_state_dict,
 )
-from glm45_train.convert.summary import ConversionSummary, NullProgress, Progress
-from glm45_train.convert.tensor_source import HFTensorSource
+from glm45_train.convert.torch_dist.lazy_save import LazyTorchDistSaveStrategy
 from glm45_train.errors import UserError
-
-__all__ = ["McoreTensorSource", "hf_to_mcore", "load_mcore", "mcore_to_hf"]
+from glm45_train.formats.buffers import BufferPool
+from glm45_train.formats.fp8 import DequantisingReader
+from glm45_train.formats.progress import ConversionSummary, NullProgress, Progress
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CHECKPOINT_VERSION = 3.0  # Megatron-LM's current `checkpoint_version`
@@ -214,21 +209,3 @@ def _reduce_over_ranks(summary: ConversionSummary) -> ConversionSummary:
         summary.tensors, summary.bytes = (int(v) for v in totals)
         summary.peak_rss_bytes = int(peak)
     return summary
-
-
-# -- loading into a model ------------------------------------------------------------------------------------
-
-
-def load_mcore(model: torch.nn.Module, mcore_dir: str | Path, *, strict: bool = True) -> int:
-    """Load a checkpoint into a built GPTModel of any parallel layout and spec (TE-style keys on disk).
-
-    Every rank of the model's layout calls this. The router expert biases (buffers) are loaded too.
-    Returns the number of tensors loaded on this rank.
-    """
-    from megatron.core import dist_checkpointing
-
-    directory = McoreCheckpointDir(mcore_dir)
-    sharded = te_style_sharded_state_dict(model, for_save=False)
-    loaded = dist_checkpointing.load({"model": sharded}, str(directory.checkpoint))["model"]
-    model.load_state_dict(loaded, strict=strict)
-    return sum(isinstance(value, torch.Tensor) for value in loaded.values())

@@ -2,12 +2,12 @@
 
     mcore_to_hf(mcore_dir, out_dir)   HF shards + index + config + generation config + tokenizer (MTP copies too)
 
-The calling thread reads one mcore tensor at a time (mcore_read.py) into a pooled buffer; writer threads put
+The calling thread reads one mcore tensor at a time (torch_dist/reader.py) into a pooled buffer; writer threads put
 each of its HF tensors' rows (`Glm45Mapping.row_runs`) straight at their planned offsets of shards whose headers
-were fixed up front (hf_io.StreamingHFWriter). Bytes read but not yet written are bounded (pipeline.py), so
+were fixed up front (hf_io.StreamingHFWriter). Bytes read but not yet written are bounded (formats/buffers.py), so
 memory does not grow with the model. HF dtypes are the source's (recorded at import); a checkpoint imported from
 an FP8 release exports as bf16 and its config.json loses `quantization_config`.
-Output is written under a temporary name and renamed when complete (mcore_dir.py).
+Output is written under a temporary name and renamed when complete (torch_dist/directory.py).
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from glm45_train.convert.hf_io import StreamingHFWriter
-from glm45_train.convert.mapping import Glm45Mapping, MappingError
-from glm45_train.convert.mcore_dir import McoreCheckpointDir, check_output_dir, fresh_staging_dir, publish
-from glm45_train.convert.mcore_read import McoreTensorSource
-from glm45_train.convert.pipeline import BufferPool, ByteBudget, Workers, read_ahead
-from glm45_train.convert.summary import ConversionSummary, NullProgress, Progress
+from glm45_train.convert.mapping.table import Glm45Mapping, MappingError
+from glm45_train.convert.torch_dist.directory import McoreCheckpointDir, check_output_dir, fresh_staging_dir, publish
+from glm45_train.convert.torch_dist.reader import McoreTensorSource
 from glm45_train.errors import UserError
+from glm45_train.formats.buffers import BufferPool, ByteBudget, Workers, read_ahead
+from glm45_train.formats.hf_io import StreamingHFWriter
+from glm45_train.formats.progress import ConversionSummary, NullProgress, Progress
 from glm45_train.model.hf_layout import EXPERT_BIAS_KEY, hf_tensor_shapes
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
@@ -97,7 +97,7 @@ class MtpFromBase:
                 f"{run.directory.root} was trained without its MTP layer; the export takes that layer from the "
                 f"base model {base}, which no longer exists"
             )
-        from glm45_train.convert.tensor_source import open_source
+        from glm45_train.convert.sources import open_source
 
         self.run, self.base, self.mapping = run, open_source(base, pool=run.pool), mapping
         self.hf, self.pool, self.directory = run.hf, run.pool, run.directory

@@ -28,8 +28,8 @@ from typing import IO, Any, cast
 
 import torch
 
-from glm45_train.convert import direct_io
-from glm45_train.convert.safetensors_format import byte_view
+from glm45_train.formats import direct_io
+from glm45_train.formats.safetensors_format import byte_view
 
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header (30 bytes)
 _STORAGE_DTYPES = {

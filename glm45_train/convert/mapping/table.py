@@ -23,12 +23,12 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from glm45_train.convert import transforms
+from glm45_train.convert.mapping import transforms
 from glm45_train.errors import UserError
 from glm45_train.model.hf_config import Glm45Config
 from glm45_train.model.hf_layout import hf_tensor_shapes
 
-CONVERTERS_DIR = Path(__file__).resolve().parents[2] / "converters"
+CONVERTERS_DIR = Path(__file__).resolve().parents[3] / "converters"
 Spec = Literal["te", "local"]
 
 

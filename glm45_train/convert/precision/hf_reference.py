@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from glm45_train.convert.hf_io import TensorReader
+from glm45_train.formats.hf_io import TensorReader
 
 
 def hf_model_config(hf_dir):

@@ -29,10 +29,10 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from glm45_train.convert.dcp_records import crc32_off, write_record
-from glm45_train.convert.direct_io import Appender
-from glm45_train.convert.lazy_save import ChunkSource
-from glm45_train.convert.pipeline import ByteBudget, Workers
+from glm45_train.convert.torch_dist.chunks import ChunkSource
+from glm45_train.formats.buffers import ByteBudget, Workers
+from glm45_train.formats.dcp_records import crc32_off, write_record
+from glm45_train.formats.direct_io import Appender
 
 SUFFIX = ".distcp"
 

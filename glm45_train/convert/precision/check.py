@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from glm45_train.convert import hf_reference
-from glm45_train.convert.fp8 import DequantisingReader
-from glm45_train.convert.tensor_source import HFTensorSource, TensorSource, load_weights
+from glm45_train.convert.precision import hf_reference
+from glm45_train.convert.sources import HFTensorSource, TensorSource, load_weights
+from glm45_train.formats.fp8 import DequantisingReader
 from glm45_train.model.hf_config import Glm45Config, to_transformer_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -127,7 +127,7 @@ def check(
     layerwise: bool = False,
     input_ids: torch.Tensor | None = None,
 ) -> PrecisionReport:
-    """Compare the HF checkpoint at `hf_dir` with a Megatron model filled from `source` (see tensor_source)."""
+    """Compare the HF checkpoint at `hf_dir` with a Megatron model filled from `source` (see convert/sources.py)."""
     from glm45_train.runtime import distributed
 
     distributed.initialize()

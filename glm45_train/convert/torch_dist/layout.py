@@ -3,7 +3,7 @@ checkpoint keys, and which model tensor each shard is a view of.
 
 Nothing here holds weights. A meta model keeps storage identity through Megatron's chunk/view/detach calls, so the
 storage of a shard's (meta) data names the model tensor it belongs to (`TensorIndex`), and its offset and strides
-say where inside that tensor it lies. That is enough to write (lazy_save.py) or read (mcore_read.py) any
+say where inside that tensor it lies. That is enough to write (lazy_save.py) or read (reader.py) any
 layout without knowing how Megatron shards each module.
 
 TE-style keys (what GPU users with Transformer Engine load). megatron-core 0.16.1's local layer spec already
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from glm45_train.config.layout import ParallelLayout
-from glm45_train.convert.tensor_source import global_expert_name
+from glm45_train.convert.mapping.names import global_expert_name
 from glm45_train.model.hf_config import Glm45Config, to_transformer_config
 
 if TYPE_CHECKING:
