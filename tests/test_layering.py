@@ -150,3 +150,18 @@ def test_checker_catches_a_planted_circle_and_an_upward_import(tmp_path):
         "glm45_train.model.tiny (layer 3) imports glm45_train.convert.to_mcore (layer 7)"
     ]
     assert import_cycles(graph) == [["glm45_train.convert.mapping.names", "glm45_train.convert.mapping.table"]]
+
+
+def test_each_stage_imports_without_the_stages_above_it():
+    """At run time too: importing a stage loads no module of a higher layer (parent packages stay light)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, importlib; importlib.import_module(sys.argv[1]); "
+        "print('\\n'.join(m for m in sys.modules if m.startswith('glm45_train')))"
+    )
+    for stage in ("glm45_train.formats.hf_io", "glm45_train.model.tiny", "glm45_train.convert.mapping.table"):
+        loaded = subprocess.run([sys.executable, "-c", probe, stage], capture_output=True, text=True, check=True)
+        above = [m for m in loaded.stdout.split() if layer_of(m, LAYERS) > layer_of(stage, LAYERS)]
+        assert above == [], f"importing {stage} loads {above}"

@@ -165,7 +165,16 @@ def to_transformer_config(
 
     layout = layout or ParallelLayout()
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
-    kwargs: dict[str, Any] = dict(
+    kwargs = _architecture(hf) | _moe(hf, on_gpu) | _precision(params_dtype, on_gpu) | _layout(layout)
+    if hf.n_group > 1:
+        kwargs.update(moe_router_num_groups=hf.n_group, moe_router_group_topk=hf.topk_group)
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def _architecture(hf: Glm45Config) -> dict[str, Any]:
+    """Dense architecture: sizes, norms, attention, activations, no dropout."""
+    return dict(
         num_layers=hf.num_hidden_layers,
         hidden_size=hf.hidden_size,
         ffn_hidden_size=hf.intermediate_size,
@@ -183,7 +192,12 @@ def to_transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=hf.initializer_range,
-        # MoE
+    )
+
+
+def _moe(hf: Glm45Config, on_gpu: bool) -> dict[str, Any]:
+    """Routed experts, the sigmoid router with its fp32 expert bias, shared expert, MTP."""
+    return dict(
         num_moe_experts=hf.n_routed_experts,
         moe_ffn_hidden_size=hf.moe_intermediate_size,
         moe_router_topk=hf.num_experts_per_tok,
@@ -199,7 +213,12 @@ def to_transformer_config(
         moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
         moe_grouped_gemm=on_gpu,
         mtp_num_layers=hf.num_nextn_predict_layers or None,
-        # precision and placement
+    )
+
+
+def _precision(params_dtype: torch.dtype, on_gpu: bool) -> dict[str, Any]:
+    """Parameter dtype; fused kernels only on GPU."""
+    return dict(
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
@@ -210,7 +229,12 @@ def to_transformer_config(
         masked_softmax_fusion=on_gpu,
         apply_rope_fusion=on_gpu,
         persist_layer_norm=on_gpu,
-        # parallel layout
+    )
+
+
+def _layout(layout: ParallelLayout) -> dict[str, Any]:
+    """The parallel layout."""
+    return dict(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         expert_model_parallel_size=layout.ep,
@@ -218,7 +242,3 @@ def to_transformer_config(
         context_parallel_size=layout.cp,
         sequence_parallel=layout.sp,
     )
-    if hf.n_group > 1:
-        kwargs.update(moe_router_num_groups=hf.n_group, moe_router_group_topk=hf.topk_group)
-    kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
