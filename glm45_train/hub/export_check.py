@@ -8,9 +8,9 @@ Two kinds are publishable:
   list the same tensors; a `.safetensors` file the index does not name is refused too;
 - a PEFT adapter (`export --adapter-only`): adapter_config.json (LoRA, naming its base model) and
   adapter_model.safetensors (header parses, exact size). The tokenizer files it carries are not required.
-Whatever an interrupted write leaves behind is refused: `*.partial` (hf_io.py's shards, torch_dist/directory.py's staging
-directory) and `*.incomplete` (hub downloads). Only headers are read, with plain reads (no memory map), so checking a
-700 GB export reads a few megabytes.
+Whatever an interrupted write leaves behind is refused: `*.partial` (hf_io.py's shards, torch_dist/directory.py's
+staging directory) and `*.incomplete` (hub downloads). Only headers are read, with plain reads (no memory map), so
+checking a 700 GB export reads a few megabytes.
 """
 
 from __future__ import annotations
