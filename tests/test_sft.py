@@ -39,6 +39,7 @@ def run_sft(recipe: str, hf_dir: Path, run_dir: Path) -> list[dict]:
         sft_command(recipe, hf_dir, run_dir), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
+    assert result.stdout.count("sft finished at step") == 1  # one summary for the two ranks
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from glm45_train import __version__
 from glm45_train.cli import chat, check, data, export, make_tiny, plan, push, sft, submit
@@ -14,13 +15,32 @@ from glm45_train.errors import UserError
 COMMANDS = (make_tiny, export, data, check, sft, chat, plan, submit, push)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser; `add_parser(..., intermixed=True)` lets options follow positionals (the `key=value`
+    overrides of plan/submit/sft): argparse's intermixed parsing, which the subcommand action reaches through
+    `parse_known_args`."""
+
+    def __init__(self, *args: Any, intermixed: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.intermixed, self._inside_intermixed = intermixed, False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if not self.intermixed or self._inside_intermixed:  # parse_known_intermixed_args calls back here
+            return super().parse_known_args(args, namespace)
+        self._inside_intermixed = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside_intermixed = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="glm45-train",
         description="Train and fine-tune GLM-4.5 / GLM-4.5-Air on Megatron-Core.",
     )
     parser.add_argument("--version", action="version", version=f"glm45-train {__version__}")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
     for command in COMMANDS:
         command.add_parser(subparsers)
     return parser

@@ -10,7 +10,7 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("sft", help="LoRA or full supervised fine-tuning from a recipe")
+    parser = subparsers.add_parser("sft", help="LoRA or full supervised fine-tuning from a recipe", intermixed=True)
     parser.add_argument("recipe", metavar="RECIPE.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.lr=2e-4")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
@@ -39,6 +39,12 @@ def run_rehearsal(args: argparse.Namespace, config_hint: str | None = None) -> i
     return 0 if result.passed else 1
 
 
+def _is_first_rank() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
@@ -60,5 +66,6 @@ def run(args: argparse.Namespace) -> int:
     result = run_sft(ensure_prepared(recipe))
     how = "stopped by signal, checkpointed" if result.stopped_by_signal else "finished"
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
-    print(f"sft {how} at step {result.steps}; last loss {loss}; run directory {result.run_dir}")
+    if _is_first_rank():  # every rank runs this command; one summary line
+        print(f"sft {how} at step {result.steps}; last loss {loss}; run directory {result.run_dir}")
     return 0

@@ -18,7 +18,7 @@ from glm45_train.cli.sft import add_rehearse_arguments, run_rehearsal
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("submit", help="check a recipe, render its Slurm job and sbatch it")
+    parser = subparsers.add_parser("submit", help="check a recipe, render its Slurm job and sbatch it", intermixed=True)
     parser.add_argument("recipe", metavar="RECIPE.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.lr=2e-5")
     parser.add_argument("--nodes", type=int, help="required unless --rehearse")

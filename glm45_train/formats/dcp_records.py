@@ -5,8 +5,8 @@ DCP's filesystem format stores every tensor chunk as one `torch.save` record (a 
 into a BytesIO, `torch.load`s it into fresh memory and copies it into the destination (three passes, two first
 touches). `read_record_into` instead reads the record's zip directory, checks from its pickle that the stored
 tensor is plain (one storage, offset 0, contiguous, the expected dtype and size) and `preadv`s the raw bytes
-straight into the destination (direct_io.py); anything else goes through `torch.load` (correct for every record,
-just slower).
+straight into the destination (direct_io.py); anything else goes through `safe_pickle.torch_load` (torch.load with
+weights_only: correct for every tensor record, just slower; refuses any other).
 
 `write_record` is `torch.save` without its CRC32 pass: the CRC costs more CPU than the write itself (~0.6 GB/s
 on our CPUs) and `torch.load` never checks it (PyTorch builds miniz without reader CRC checks; see
@@ -28,7 +28,7 @@ from typing import IO, Any, cast
 
 import torch
 
-from glm45_train.formats import direct_io
+from glm45_train.formats import direct_io, safe_pickle
 from glm45_train.formats.safetensors_format import byte_view
 
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header (30 bytes)
@@ -46,7 +46,7 @@ _STORAGE_DTYPES = {
 }
 
 
-class _FileSlice(io.RawIOBase):
+class FileSlice(io.RawIOBase):
     """A read-only, seekable window [offset, offset + length) of an open file (positioned reads)."""
 
     def __init__(self, fd: int, offset: int, length: int) -> None:
@@ -105,7 +105,7 @@ def _member_data_offset(fd: int, record_offset: int, info: zipfile.ZipInfo) -> i
 def _plain_tensor_spec(fd: int, offset: int, length: int) -> tuple[_TensorSpec, int] | None:
     """The pickled tensor description and the absolute offset of its data, if the record is a plain tensor."""
     try:
-        with zipfile.ZipFile(_FileSlice(fd, offset, length)) as archive:
+        with zipfile.ZipFile(FileSlice(fd, offset, length)) as archive:
             infos = {info.filename.split("/", 1)[-1]: info for info in archive.infolist()}
     except zipfile.BadZipFile:
         return None  # torch.load reports what is wrong with it
@@ -145,8 +145,8 @@ def read_record_into(path: Path, offset: int, length: int, out: torch.Tensor) ->
         if found is not None and _is_plain(found[0], out):
             direct_io.read_into(path, found[1], out)  # the bulk of the bytes, bypassing the page cache
             return
-        stream = cast(IO[bytes], _FileSlice(fd, offset, length))
-        tensor = torch.load(stream, map_location="cpu", weights_only=True)
+        stream = cast(IO[bytes], FileSlice(fd, offset, length))
+        tensor = safe_pickle.torch_load(stream, source=f"{path} (record at offset {offset})")
     finally:
         os.close(fd)
     if tuple(tensor.shape) != tuple(out.shape):

@@ -10,7 +10,7 @@ Two kinds are publishable:
   adapter_model.safetensors (header parses, exact size). The tokenizer files it carries are not required.
 Whatever an interrupted write leaves behind is refused: `*.partial` (hf_io.py's shards, torch_dist/directory.py's
 staging directory) and `*.incomplete` (hub downloads). Only headers are read, with plain reads (no memory map), so
-checking a 700 GB export reads a few megabytes.
+checking a 700 GB export reads a few megabytes. Nothing is unpickled: a torch_dist directory is not an export.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Read the adapters of a LoRA run (adapter-only torch_dist checkpoint, written at any layout) in one process.
 
 The model is built on the `meta` device with the run's adapters attached; only the adapter tensors are
-materialised and loaded, so reading a GLM-4.5 (355B) run's adapters needs memory for the adapters alone.
+materialised and loaded, so reading a GLM-4.5 (355B) run's adapters needs memory for the adapters alone. Read
+through torch_dist/safe_load.py (a run directory from elsewhere runs no code from its pickles).
 Names in the result are the TP=1/EP=1 local-spec names of `lora_state_dict` (see state.py).
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from glm45_train.config.recipe import LoraSection, Recipe, load_recipe, mtp_layers
+from glm45_train.convert.torch_dist import safe_load
 from glm45_train.convert.torch_dist.directory import McoreCheckpointDir
 from glm45_train.errors import UserError
 from glm45_train.lora.apply import apply_lora
@@ -46,8 +48,6 @@ def is_lora_run(path: str | Path) -> bool:
 
 def read_lora_run(path: str | Path) -> LoraRun:
     """The adapters of the run's latest checkpoint (or of the iteration directory given)."""
-    from megatron.core import dist_checkpointing
-
     from glm45_train.model.build import build_model
     from glm45_train.runtime import distributed
 
@@ -64,7 +64,7 @@ def read_lora_run(path: str | Path) -> LoraRun:
     model = build_model(hf, config, device="meta")  # as trained: without the MTP block when it was not trained
     apply_lora(model, recipe.lora, seed=recipe.train.seed)
     _materialise_adapters(model)
-    loaded = dist_checkpointing.load(lora_sharded_state_dict(model), str(directory.checkpoint))
+    loaded = safe_load.load(lora_sharded_state_dict(model), directory.checkpoint)
     state = {name: tensor for name, tensor in loaded.items() if isinstance(tensor, torch.Tensor)}
     if not state:
         raise UserError(f"{directory.checkpoint}: holds no adapter tensors")

@@ -106,7 +106,7 @@ def _holds_everything() -> bool:
 def lora_sharded_state_dict(model: Any, metadata: dict | None = None) -> dict:
     """The LoRA entries of `model.sharded_state_dict()`, for `dist_checkpointing.save/load` of adapter-only state.
 
-    After `dist_checkpointing.load(lora_sharded_state_dict(model), dir)`, apply the result with
+    After `safe_load.load(lora_sharded_state_dict(model), dir)` (convert/torch_dist/safe_load.py), apply the result with
     `model.load_state_dict(loaded, strict=False)` (its keys are the model's own state-dict keys).
     """
     bare = model

@@ -5,7 +5,7 @@ A checkpoint is written as `iter_XXXXXXX.partial`, renamed when every rank has f
 latest pointer move (written to a temporary file and renamed), so a crash at any moment leaves the previous
 checkpoint as the latest one. What is saved: the model (or, for LoRA, only the adapters), the optimizer, the
 LR scheduler, the data position and every RNG stream of every rank (per-rank ShardedObjects) — enough for a
-resumed run to produce the same losses as an uninterrupted one.
+resumed run to produce the same losses as an uninterrupted one. Resume reads through convert/torch_dist/safe_load.py.
 """
 
 from __future__ import annotations
@@ -110,12 +110,12 @@ def save(trainer: Any, ckpt_dir: Path, step: int, position: DataPosition) -> Pat
 
 def load(trainer: Any, ckpt_dir: Path, step: int) -> tuple[int, DataPosition]:
     """Restore model/adapters, optimizer, scheduler, RNG; returns (step, data position)."""
-    from megatron.core import dist_checkpointing
+    from glm45_train.convert.torch_dist import safe_load
 
     directory = iteration_dir(ckpt_dir, step)
     if trainer.save_optimizer:
         _give_fresh_optimizer_a_step(trainer.optimizer)
-    state = dist_checkpointing.load(_sharded_state(trainer, is_loading=True), str(directory))
+    state = safe_load.load(_sharded_state(trainer, is_loading=True), directory)  # runs no code from the files
     if state["kind"] != trainer.checkpoint_kind:
         raise RuntimeError(f"{directory}: a {state['kind']} checkpoint cannot resume a {trainer.checkpoint_kind} run")
     trainer.load_model_state(state["model"])

@@ -8,6 +8,7 @@ built on `meta`, its TE-style sharded state dict says which checkpoint key, offs
 those regions are found in the checkpoint's `.metadata` and read record by record (formats/dcp_records.py): straight
 into the destination when a stored chunk is exactly the region (any checkpoint written at TP=1), else through a
 buffer from which the overlap is copied (checkpoints written at other layouts). Only those bytes are read.
+Nothing is unpickled outside formats/safe_pickle.py's allow-list (`.metadata` through dcp_reader.py).
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
-    CachedMetadataFileSystemReader,
-)
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 
 from glm45_train.config.layout import ParallelLayout
@@ -32,7 +30,9 @@ from glm45_train.convert.torch_dist.layout import (
     sharded_tensors,
     te_style_sharded_state_dict,
 )
+from glm45_train.errors import UserError
 from glm45_train.formats.buffers import BufferPool
+from glm45_train.formats.dcp_reader import SafeFileSystemReader
 from glm45_train.formats.dcp_records import read_record_into
 from glm45_train.formats.hf_io import CheckpointError
 from glm45_train.model.hf_config import Glm45Config
@@ -64,7 +64,7 @@ class McoreTensorSource:
     def __init__(self, mcore_dir: str | Path, pool: BufferPool | None = None) -> None:
         self.directory = McoreCheckpointDir(mcore_dir)
         self.hf = Glm45Config.from_dict(self.directory.hf_config, source=str(self.directory.root / METADATA_NAME))
-        self._reader = CachedMetadataFileSystemReader(str(self.directory.checkpoint))
+        self._reader = SafeFileSystemReader(self.directory.checkpoint)  # .metadata through the allow-list
         self._pieces: dict[str, list[Piece]] | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
         self.pool = pool
@@ -153,6 +153,8 @@ class McoreTensorSource:
             read_record_into(path, info.offset, info.length, out)
         except OSError as err:
             raise CheckpointError(f"{path}: cannot open ({err.strerror}), needed for {key}") from None
+        except UserError:
+            raise  # names the file and what it refused
         except Exception as err:
             raise CheckpointError(f"{path}: cannot read {key} ({err})") from None
 
