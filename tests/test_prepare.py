@@ -199,6 +199,8 @@ def test_cli_render_and_prepare(tiny_tokenizer_dir, tmp_path, capsys):
         "--overlong",
         "truncate",
         "--no-progress",
+        "--workers",
+        "2",
     ]
     assert _cli(*argv) == 0
     printed = capsys.readouterr().out

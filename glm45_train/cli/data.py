@@ -3,7 +3,7 @@
 data render FILE --tokenizer DIR [--thinking on|off] [--generation-prompt] [--no-train-empty-think]
 data prepare INPUT... --tokenizer DIR --output-dir DIR --max-length N [--mode keep|non-thinking|mixed:P]
              [--pack] [--on-error skip|fail] [--overlong drop|truncate|error] [--seed N]
-             [--no-train-empty-think] [--no-progress]
+             [--no-train-empty-think] [--no-progress] [--workers N]
 """
 
 from __future__ import annotations
@@ -64,6 +64,13 @@ def _add_prepare_parser(commands) -> None:
         help="samples longer than --max-length (default: drop)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the mixed:P choice (default: 0)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes that parse, render and tokenize; the output does not depend on it "
+        "(default: the CPUs available, at most 32)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_empty_think_flag(parser)
     parser.set_defaults(func=run_prepare)
@@ -94,7 +101,7 @@ def run_render(args: argparse.Namespace) -> int:
 
 def run_prepare(args: argparse.Namespace) -> int:
     from glm45_train.data.chat import parse_mode
-    from glm45_train.data.prepare import PrepareOptions, prepare_dataset
+    from glm45_train.data.prepare import PrepareOptions, default_workers, prepare_dataset
 
     options = PrepareOptions(
         max_length=args.max_length,
@@ -105,6 +112,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         seed=args.seed,
         train_empty_think=not args.no_train_empty_think,
         show_progress=not args.no_progress,
+        workers=default_workers() if args.workers is None else args.workers,
     )
     output_dir = Path(args.output_dir)
     report = prepare_dataset(args.inputs, Path(args.tokenizer), output_dir, options).to_json(options)

@@ -13,13 +13,15 @@ from glm45_train.launch.plan import GPUS
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("plan", help="memory per GPU, fit and step time of a recipe on H20/H100/H200")
+    parser = subparsers.add_parser(
+        "plan", help="memory per GPU, fit and step time of a recipe on H20/H100/H200", intermixed=True
+    )
     parser.add_argument("recipe", metavar="RECIPE.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. parallel.ep=8")
     add_plan_arguments(parser)
     parser.add_argument("--nodes", type=int, help="plan for this many nodes (default: the fewest that fit)")
     parser.add_argument("--gpus-per-node", type=int, default=8, metavar="G", help="default: 8")
-    parser.add_argument("--mfu", type=float, help="model FLOPs utilisation for the step time (default per GPU)")
+    parser.add_argument("--mfu", type=float, help="model FLOPs utilisation for the step time (default: mfu_table.py)")
     parser.set_defaults(func=run)
 
 
@@ -55,6 +57,6 @@ def run(args: argparse.Namespace) -> int:
     if args.mfu is not None:
         if not 0 < args.mfu <= 1:
             raise UserError("--mfu must be in (0, 1]")
-        result = dataclasses.replace(result, gpu=dataclasses.replace(result.gpu, mfu=args.mfu))
+        result = dataclasses.replace(result, mfu_override=args.mfu)
     print(format_plan(result, args.recipe, fitting))
     return 0 if result.fits else 1

@@ -30,6 +30,7 @@ class Reason(StrEnum):
     NO_ASSISTANT_TURN = "no_assistant_turn"
     EMPTY_ASSISTANT = "empty_assistant"
     LAST_TURN_NOT_ASSISTANT = "last_turn_not_assistant"
+    LAST_TURN_NOT_PROMPT = "last_turn_not_prompt"  # RL prompt sets: must end with a user or tool turn
     NO_STOP_AFTER_ASSISTANT = "no_stop_after_assistant"
     OVERLONG = "overlong"
     TRUNCATED = "truncated"

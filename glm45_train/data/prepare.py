@@ -1,27 +1,34 @@
 """`data prepare`: sources → checks → mode → render + tokenize → over-length policy → pack → dataset + report.
 
 Notable:
-- Streams: records are read, rendered and tokenized in chunks (one batched tokenizer call per chunk, overlapped
-  with rendering the next chunk) and appended to the token files; only sample lengths stay in memory for
-  packing.
+- Streams in chunks (chunks.py): each chunk of records is parsed, checked, rendered, tokenized and masked by
+  `prepare_chunk` (workers.py), in this process (`workers=1`) or in `workers` spawned processes with at most
+  `IN_FLIGHT_PER_WORKER` chunks each in flight; results are taken in input order and appended to the token
+  files, so the output and the report are the same bytes for any number of workers, and memory does not grow
+  with the corpus (only sample lengths stay, for packing).
 - Nothing is dropped silently. Every dropped or changed sample is listed in report.json with its reason and
-  line; `on_error="fail"` stops at the first bad record, `overlong="error"` at the first sample over
-  `max_length`. Truncation is a change the report lists (with the trained tokens cut), never a silent cut of
-  labels.
+  line, in file order; `on_error="fail"` stops at the first bad record, `overlong="error"` at the first sample
+  over `max_length` (the first in file order, whichever worker met it). Truncation is a change the report
+  lists (with the trained tokens cut), never a silent cut of labels.
+- Packing is first-fit decreasing over every sample of the set, after the last chunk.
+- With `workers > 1` the caller's `__main__` module is imported by each worker (multiprocessing's spawn):
+  a script calling `prepare_dataset` needs the usual `if __name__ == "__main__":` guard.
 - The output is written to a hidden temporary directory beside the target and renamed at the end. An
   existing target is replaced only if it is itself a prepared dataset.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import sys
-from collections import Counter
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter, deque
+from collections.abc import Generator, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,25 +43,43 @@ from glm45_train.data.chat import (
     KEEP,
     Mode,
     RenderedSample,
-    RenderedText,
     RenderOptions,
     check_trainable,
     load_chat_tokenizer,
     render_conversation,
-    render_text,
-    tokenize_to_arrays,
     without_reasoning,
 )
-from glm45_train.data.conversation import Conversation, DataError, Origin, Reason
+from glm45_train.data.chunks import iter_chunks, progress_total
+from glm45_train.data.conversation import DataError
 from glm45_train.data.pack import pack_first_fit_decreasing, packing_efficiency
 from glm45_train.data.prepared import PreparedWriter, is_prepared_dir, write_json
 from glm45_train.data.sources import check_inputs, iter_conversations
+from glm45_train.data.workers import (
+    ChunkOptions,
+    ChunkPreparer,
+    ChunkResult,
+    frozen_heap,
+    init_worker,
+    prepare_chunk,
+    problem_entry,
+)
 from glm45_train.errors import UserError
 from glm45_train.model.tokenizer import chat_template_text
 
 ON_ERROR_CHOICES = ("skip", "fail")
 OVERLONG_CHOICES = ("drop", "truncate", "error")
-CHUNK_SIZE = 512
+CHUNK_SIZE = 256  # records per chunk: ~50 ms of work, small enough to balance the workers' load
+IN_FLIGHT_PER_WORKER = 2  # chunks submitted and not yet taken, per worker: one running, one queued
+MAX_DEFAULT_WORKERS = 32
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on, at most MAX_DEFAULT_WORKERS."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_DEFAULT_WORKERS))
 
 
 @dataclass(frozen=True)
@@ -67,10 +92,16 @@ class PrepareOptions:
     seed: int = 0
     train_empty_think: bool = True
     show_progress: bool = True
+    workers: int = 1  # processes; 1 = in this process
+    chunk_size: int = CHUNK_SIZE
 
     def check(self) -> None:
         if self.max_length < 8:
             raise UserError(f"max_length {self.max_length}: must be at least 8")
+        if self.workers < 1:
+            raise UserError(f"workers {self.workers}: must be at least 1")
+        if self.chunk_size < 1:
+            raise UserError(f"chunk_size {self.chunk_size}: must be at least 1")
         if self.on_error not in ON_ERROR_CHOICES:
             raise UserError(f"on_error {self.on_error!r}: expected one of {', '.join(ON_ERROR_CHOICES)}")
         if self.overlong not in OVERLONG_CHOICES:
@@ -92,10 +123,20 @@ class PrepareReport:
     real_token_fraction: float = 0.0
     problems: list[dict[str, Any]] = field(default_factory=list)
 
+    def add(self, result: ChunkResult) -> None:
+        """Account for one chunk's kept samples and problems."""
+        self.records_read += result.records_read
+        self.samples_kept += len(result.lengths)
+        self.samples_changed += result.samples_changed
+        self.non_thinking_samples += result.non_thinking_samples
+        self.tokens += len(result.input_ids)
+        self.trained_tokens += int(result.loss_mask.sum(dtype=np.int64))
+        if len(result.lengths):
+            self.max_sample_tokens = max(self.max_sample_tokens, int(result.lengths.max()))
+        self.problems.extend(result.problems)
+
     def note(self, action: str, error: DataError) -> None:
-        origin = error.origin or Origin("<unknown>", 0)
-        entry = {"source": origin.source, origin.unit: origin.line, "reason": error.reason.value}
-        self.problems.append({**entry, "action": action, "detail": error.detail})
+        self.problems.append(problem_entry(action, error))
 
     def count(self, action: str) -> dict[str, int]:
         return dict(Counter(p["reason"] for p in self.problems if p["action"] == action))
@@ -132,14 +173,6 @@ class PrepareReport:
         }
 
 
-@dataclass(frozen=True)
-class _Pending:
-    rendered: RenderedText
-    origin: Origin
-    non_thinking: bool
-    changes: tuple[DataError, ...]
-
-
 def prepare_dataset(
     inputs: Sequence[str | Path], tokenizer_dir: str | Path, output_dir: str | Path, options: PrepareOptions
 ) -> PrepareReport:
@@ -155,10 +188,14 @@ def prepare_dataset(
     writer = PreparedWriter(temp_dir)
     report = PrepareReport()
     try:
-        for chunk, arrays in _tokenized_chunks(_accepted(inputs, options, report), tokenizer):
-            for pending, (input_ids, loss_mask) in zip(chunk, arrays, strict=True):
-                _keep(writer, report, pending, input_ids, loss_mask, options)
-            writer.flush()
+        with (
+            contextlib.closing(_results(inputs, tokenizer_dir, tokenizer, options)) as results,
+            _progress(inputs, options) as bar,
+        ):
+            for result in results:
+                _write(writer, report, result)
+                bar.update(result.progress)
+                bar.set_postfix_str(f"{report.records_read:,} records", refresh=False)
         if not writer.lengths:
             dropped = ", ".join(f"{reason}: {n}" for reason, n in report.count("dropped").items())
             raise UserError(f"no usable samples in {', '.join(map(str, inputs))} (dropped {dropped or 'none'})")
@@ -195,93 +232,62 @@ def render_samples(
         yield render_conversation(conversation, tokenizer, options)
 
 
-def _accepted(inputs: Sequence[str | Path], options: PrepareOptions, report: PrepareReport) -> Iterator[_Pending]:
-    """Parsed, checked and mode-applied conversations, rendered to text; bad ones are noted or raised."""
-    items = iter_conversations(inputs)
-    for item in tqdm(items, desc="prepare", unit=" conv", disable=not options.show_progress, file=sys.stderr):
-        report.records_read += 1
-        try:
-            if isinstance(item, DataError):
-                raise item
-            check_trainable(item)
-        except DataError as error:
-            if options.on_error == "fail":
-                raise
-            report.note("dropped", error)
-            continue
-        yield _apply_mode(item, options)
+def _results(
+    inputs: Sequence[str | Path], tokenizer_dir: Path, tokenizer: Tokenizer, options: PrepareOptions
+) -> Generator[ChunkResult, None, None]:
+    """Every chunk prepared, in input order: here, or in worker processes."""
+    chunks = iter_chunks(inputs, options.chunk_size)
+    chunk_options = ChunkOptions(
+        max_length=options.max_length,
+        mode=options.mode,
+        on_error=options.on_error,
+        overlong=options.overlong,
+        seed=options.seed,
+        train_empty_think=options.train_empty_think,
+    )
+    if options.workers == 1:
+        with frozen_heap():
+            yield from map(ChunkPreparer(tokenizer, chunk_options), chunks)
+        return
+    # spawn: workers start clean (no torch / Megatron / tokenizer thread state of the caller's process).
+    context = multiprocessing.get_context("spawn")
+    initargs = (str(tokenizer_dir), chunk_options)
+    pool = ProcessPoolExecutor(options.workers, mp_context=context, initializer=init_worker, initargs=initargs)
+    in_flight: deque[Future[ChunkResult]] = deque()
+    try:
+        for chunk in chunks:
+            in_flight.append(pool.submit(prepare_chunk, chunk))
+            if len(in_flight) >= IN_FLIGHT_PER_WORKER * options.workers:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _apply_mode(conversation: Conversation, options: PrepareOptions) -> _Pending:
-    changes: tuple[DataError, ...] = ()
-    non_thinking = options.mode.picks_non_thinking(conversation.origin, options.seed)
-    if non_thinking:
-        conversation, removed = without_reasoning(conversation)
-        if removed:
-            detail = f"mode {options.mode}: reasoning removed, trained as non-thinking"
-            changes = (DataError(Reason.REASONING_REMOVED, detail, conversation.origin),)
-    render = RenderOptions(thinking=not non_thinking, train_empty_think=options.train_empty_think)
-    return _Pending(render_text(conversation, render), conversation.origin, non_thinking, changes)
+def _write(writer: PreparedWriter, report: PrepareReport, result: ChunkResult) -> None:
+    """Append one chunk's samples, or raise the error that stops the run."""
+    if result.stop is not None:
+        raise DataError(*result.stop)
+    ends = np.cumsum(result.lengths).tolist()
+    for start, end in zip([0, *ends[:-1]], ends, strict=True):
+        writer.add(result.input_ids[start:end], result.loss_mask[start:end])
+    writer.flush()
+    report.add(result)
 
 
-def _keep(
-    writer: PreparedWriter,
-    report: PrepareReport,
-    pending: _Pending,
-    input_ids: np.ndarray,
-    loss_mask: np.ndarray,
-    options: PrepareOptions,
-) -> None:
-    """Apply the over-length policy, then append the sample and account for it."""
-    changes = list(pending.changes)
-    limit = options.max_length
-    if len(input_ids) > limit:
-        overlong = DataError(Reason.OVERLONG, f"{len(input_ids)} tokens > max_length {limit}", pending.origin)
-        cut = int(loss_mask[limit:].sum())
-        if options.overlong == "error":
-            raise overlong
-        if options.overlong == "drop" or cut == int(loss_mask.sum()):
-            report.note("dropped", overlong)
-            return
-        input_ids, loss_mask = input_ids[:limit], loss_mask[:limit]
-        detail = f"{overlong.detail}: cut to {limit}, {cut} trained tokens removed"
-        changes.append(DataError(Reason.TRUNCATED, detail, pending.origin))
-    for change in changes:
-        report.note("changed", change)
-    report.samples_changed += bool(changes)
-    writer.add(input_ids, loss_mask)
-    report.samples_kept += 1
-    report.non_thinking_samples += pending.non_thinking
-    report.tokens += len(input_ids)
-    report.trained_tokens += int(loss_mask.sum())
-    report.max_sample_tokens = max(report.max_sample_tokens, len(input_ids))
-
-
-def _tokenized_chunks(
-    items: Iterator[_Pending], tokenizer: Tokenizer
-) -> Iterator[tuple[list[_Pending], list[tuple[np.ndarray, np.ndarray]]]]:
-    """Chunks with their token arrays. The tokenizer (native threads, GIL released) works on one chunk while this
-    thread parses and renders the next: about 20% less time than taking turns, measured on two cores."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        previous: tuple[list[_Pending], Future[list[tuple[np.ndarray, np.ndarray]]]] | None = None
-        for chunk in _chunks(items, CHUNK_SIZE):
-            future = pool.submit(tokenize_to_arrays, [p.rendered for p in chunk], tokenizer)
-            if previous is not None:
-                yield previous[0], previous[1].result()
-            previous = (chunk, future)
-        if previous is not None:
-            yield previous[0], previous[1].result()
-
-
-def _chunks(items: Iterator[_Pending], size: int) -> Iterator[list[_Pending]]:
-    chunk: list[_Pending] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def _progress(inputs: Sequence[str | Path], options: PrepareOptions) -> tqdm:
+    """A bar over the input bytes (rate and ETA; no ETA when an input has no known size)."""
+    total = progress_total(inputs)
+    return tqdm(
+        total=total,
+        desc="prepare",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=not options.show_progress,
+        file=sys.stderr,
+    )
 
 
 def _metadata(

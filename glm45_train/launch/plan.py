@@ -15,17 +15,36 @@ Per pipeline stage and GPU, in bytes:
 Assumptions: the MTP block is built (and counted) only when train.mtp_loss_weight > 0; packed rows are full
 (max_length tokens); routed tokens are spread evenly over experts; LoRA adapters use the model's dtype.
 
-Calibration (the only fitted constant is RESERVE_FRACTION): the seed reports GLM-4.5-Air LoRA on 4 x H20
-at ~95 GiB/GPU with EP 4 and ~70 GiB with TP 4 + EP 4 (reference/training-and-clusters.md). Those are
-nvidia-smi readings, i.e. memory the caching allocator reserved, which exceeds the peak of live tensors
-through fragmentation (MoE token buffers change size every step). The formulas above give 74.6 and 53.7 GiB
-allocated (+ 2 GiB context); the two readings need a reserve of 24.7% and 26.5% of that; 25% gives 95.2 and
-69.2 GiB (+0.2%, -1.2%). The two points cannot tell this form from a constant ~16.4 GiB reserve (-2.2%,
-+3.0%); the proportional form was chosen as the usual allocator behaviour. It predicts less than the
-constant form below ~66 GiB allocated: every shipped recipe fits under both (tests/test_plan.py).
-MFU defaults: H20 0.60 from the seed's ~40 s/iteration (TP 4 + EP 4, the only published GLM-4.5 timing;
-0.62 exactly, counting attention over the whole packed row); H100/H200 0.35, near DeepSeek-V3's 338 TFLOP/s
-per H100 against the 989 TFLOP/s dense bf16 peak. Treat step times as +-50%.
+The allocator reserve. The published figures are nvidia-smi readings: memory PyTorch's caching allocator
+has reserved from the driver (+ the context), not the peak of live tensors. The difference is fragmentation:
+a freed block stays reserved, and is reused only by a request that fits in it. Weights and optimizer states
+are allocated once, but between them lie the holes of what was freed while they were allocated (checkpoint
+load and conversion buffers, initialisation temporaries), and every step reallocates activations and MoE
+token buffers whose sizes change with the routing; so the reserve grows with everything allocated, not
+with activations alone. Published measurements of that ratio for LLM fine-tuning with recompute, LoRA and
+distributed training on A100-80GB: 15% of reserved memory on average, up to 33% (GMLake, ASPLOS 2024,
+arXiv 2401.08156), i.e. a reserve of 18% (up to 49%) of allocated memory; allocators that plan lifetimes
+report up to 43% wasted by PyTorch's default (STWeaver, arXiv 2507.16274). The reserve is not a hard
+requirement: before an out-of-memory error the allocator releases its free cached blocks and retries, so a
+reading at the GPU's capacity bounds it from below only.
+
+Calibration, one set of constants for both published Air LoRA figures (4 x H20, 95.6 GiB each;
+reference/training-and-clusters.md), each constant fitted on one figure and checked on the other
+(tests/test_plan.py):
+- RESERVE_FRACTION, fitted on the EP 4 reading (~95 GiB): its 74.6 GiB allocated + 2 GiB context need a
+  reserve of 24.7% (18.4 GiB), 25% rounded: 95.2 GiB. It predicts TP 4 + EP 4 (53.7 GiB allocated): 69.2 GiB
+  against ~70 (-1.2%). The EP 4 reading is at 99% of the H20's capacity, where the allocator stops growing,
+  so 24.7% is a lower bound: the TP 4 + EP 4 reading, well below capacity, needs 26.5%, as that predicts.
+  Both lie inside GMLake's range. Other forms fitted on the same figure predict the second worse: a
+  constant 18.4 GiB reserve gives 74.2 GiB (+6%), a reserve in proportion to activations only 60.3 GiB
+  (-14%: the TP 4 run's activations are a quarter of the EP 4 run's, its reserve is not).
+- CONTEXT_GIB and BACKWARD_TRANSIENT_LAYERS are assumed, not fitted.
+Treat memory figures as +-10%.
+
+Step time: the step's executed FLOPs (activations.py: forward, input gradients, weight gradients of trained
+weights only, attention core, the recompute forward) over world x peak x HFU, the hardware utilisation that
+mfu_table.py states and sources per GPU kind, dense or MoE, and LoRA or full; printed for its whole range.
+`--mfu` replaces it with a model FLOP utilisation (the recompute forward not counted as model work).
 """
 
 from __future__ import annotations
@@ -36,29 +55,30 @@ from dataclasses import dataclass, field
 
 from glm45_train.config.recipe import Recipe, RecipeError, mtp_layers, validate_layout
 from glm45_train.launch import activations as act
+from glm45_train.launch.mfu_table import Utilisation, utilisation
 from glm45_train.launch.model_parts import ModelParts, count_parts
 from glm45_train.model.hf_config import Glm45Config
 
 GIB = 1024**3
 Numel = dict[tuple[str, int], float]  # (sharding class, bytes per element) -> elements on one GPU
 CONTEXT_GIB = 2.0  # CUDA context, cuBLAS/cuDNN workspaces, NCCL communicator buffers (assumed, not fitted)
-RESERVE_FRACTION = 0.25  # caching-allocator reserve over the allocated peak (fitted, see above)
-CONSTANT_RESERVE_GIB = 16.4  # the alternative fit: a fixed reserve (used by the tests as a robustness check)
+RESERVE_FRACTION = 0.25  # caching-allocator reserve over the allocated peak (fitted on Air LoRA EP 4, see above)
+CONSTANT_RESERVE_GIB = 18.4  # the alternative form fitted on the same figure (tests: recipes fit under it too)
 BACKWARD_TRANSIENT_LAYERS = 1.0  # activation gradients alive during one layer's backward, in layers (assumed)
 
 
 @dataclass(frozen=True)
 class GpuSpec:
+    key: str  # the --gpu name, which mfu_table.py is keyed by
     name: str
     memory_gib: float  # total memory as nvidia-smi reports it
     peak_tflops: float  # dense bf16 tensor-core peak
-    mfu: float  # default utilisation of that peak for step-time estimates (see the docstring)
 
 
 GPUS = {
-    "h20": GpuSpec("H20 96GB", 95.6, 148.0, 0.60),
-    "h100": GpuSpec("H100 80GB SXM", 79.6, 989.0, 0.35),
-    "h200": GpuSpec("H200 141GB", 140.4, 989.0, 0.35),
+    "h20": GpuSpec("h20", "H20 96GB", 95.6, 148.0),
+    "h100": GpuSpec("h100", "H100 80GB SXM", 79.6, 989.0),
+    "h200": GpuSpec("h200", "H200 141GB", 140.4, 989.0),
 }
 
 
@@ -111,10 +131,13 @@ class Plan:
     microbatches: int
     stages: tuple[StageMemory, ...]
     tokens_per_step: int
-    flops_per_token: float
+    flops_per_token: float  # executed: the recompute forward included
+    model_flops_per_token: float  # without the recompute forward (MFU's numerator)
     total_params: int
     trained_params: int
     mtp_built: bool
+    utilisation: Utilisation  # HFU of this GPU and training kind (mfu_table.py)
+    mfu_override: float | None = None  # `plan --mfu`
     extra: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -125,9 +148,23 @@ class Plan:
     def fits(self) -> bool:
         return self.worst.total <= self.gpu.memory_gib * GIB
 
+    @property
+    def recompute_share(self) -> float:
+        """Model FLOPs / executed FLOPs: MFU = HFU x this."""
+        return self.model_flops_per_token / self.flops_per_token
+
     def step_seconds(self, mfu: float | None = None) -> float:
-        rate = self.world * self.gpu.peak_tflops * 1e12 * (mfu or self.gpu.mfu)
-        return self.tokens_per_step * self.flops_per_token / rate
+        """Seconds per step at MFU `mfu`, else at `--mfu`, else at the table's central HFU."""
+        mfu = mfu or self.mfu_override or self.utilisation.central * self.recompute_share
+        rate = self.world * self.gpu.peak_tflops * 1e12 * mfu
+        return self.tokens_per_step * self.model_flops_per_token / rate
+
+    def step_range(self) -> tuple[float, float]:
+        """(fastest, slowest) seconds per step over the table's HFU range (one value under `--mfu`)."""
+        if self.mfu_override is not None:
+            return (self.step_seconds(),) * 2
+        share = self.recompute_share
+        return self.step_seconds(self.utilisation.high * share), self.step_seconds(self.utilisation.low * share)
 
 
 def plan(recipe: Recipe, hf: Glm45Config, gpu: str, world: int) -> Plan:
@@ -142,6 +179,7 @@ def plan(recipe: Recipe, hf: Glm45Config, gpu: str, world: int) -> Plan:
     mtp = mtp_layers(recipe, hf) is not None
     stages = tuple(_stage_memory(recipe, parts, stage, dp, expert_dp, microbatches, mtp) for stage in range(p.pp))
     total, trained = _model_totals(recipe, parts, mtp)
+    moe = hf.n_routed_experts > 0 and hf.num_hidden_layers > hf.first_k_dense_replace
     return Plan(
         recipe=recipe,
         hf=hf,
@@ -152,10 +190,12 @@ def plan(recipe: Recipe, hf: Glm45Config, gpu: str, world: int) -> Plan:
         microbatches=microbatches,
         stages=stages,
         tokens_per_step=t.global_batch_size * recipe.data.max_length,
-        flops_per_token=_flops_per_token(recipe, parts, mtp),
+        flops_per_token=_flops_per_token(recipe, parts, mtp, recipe.train.recompute),
+        model_flops_per_token=_flops_per_token(recipe, parts, mtp, "none"),
         total_params=total,
         trained_params=trained,
         mtp_built=mtp,
+        utilisation=utilisation(gpu, moe=moe, lora=recipe.lora.enabled),
     )
 
 
@@ -294,8 +334,8 @@ def _model_totals(recipe: Recipe, parts: ModelParts, mtp: bool) -> tuple[int, in
     return int(total), int(sum(_lora_numel(single, parts, blocks).values()))
 
 
-def _flops_per_token(recipe: Recipe, parts: ModelParts, mtp: bool) -> float:
-    """Training FLOPs per token: every layer (and MTP), the output layer(s), at the recipe's recompute."""
+def _flops_per_token(recipe: Recipe, parts: ModelParts, mtp: bool, recompute: str) -> float:
+    """Training FLOPs per token: every layer (and MTP), the output layer(s), at `recompute`."""
     hf = parts.hf
     topk_share = hf.num_experts_per_tok / hf.n_routed_experts
     core = act.attention_core_flops(hf, recipe.data.max_length)
@@ -307,6 +347,5 @@ def _flops_per_token(recipe: Recipe, parts: ModelParts, mtp: bool) -> float:
         weights += topk_share * sum(n for (sharding, _), n in numel.items() if sharding == "expert")
         frozen, trained = (2.0 * weights, 0.0) if recipe.lora.enabled else (0.0, 2.0 * weights)
         layer = act.LayerFlops(frozen=frozen, trained=trained, attention_core=core if block != "head" else 0.0)
-        recompute = recipe.train.recompute if block != "head" else "none"
-        total += count * act.training_flops_per_token(layer, recompute)
+        total += count * act.training_flops_per_token(layer, recompute if block != "head" else "none")
     return total

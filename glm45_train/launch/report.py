@@ -26,7 +26,7 @@ def format_plan(result: Plan, source: str, gpus_needed: int | None) -> str:
         lines.append(f"GPUs needed: none with this layout fits {result.gpu.name}; raise ep, pp or tp")
     else:
         lines.append(f"GPUs needed: {gpus_needed} (smallest valid world for this layout that fits)")
-    lines.append(_step_line(result))
+    lines += _step_lines(result)
     if recipe.train.recompute != "full":
         lines.append(f"note: train.recompute = {recipe.train.recompute}; 'full' keeps only layer inputs")
     return "\n".join(lines)
@@ -68,8 +68,8 @@ def _memory_lines(result: Plan, stage: StageMemory) -> list[str]:
         (
             "buffers/overheads",
             stage.overheads,
-            f"CUDA context + workspaces {CONTEXT_GIB:.1f}, allocator "
-            f"reserve {RESERVE_FRACTION:.0%} of allocated {stage.reserve / GIB:.2f}",
+            f"CUDA context + workspaces {CONTEXT_GIB:.1f}, caching-allocator reserve (fragmentation) "
+            f"{RESERVE_FRACTION:.0%} of allocated {stage.reserve / GIB:.2f}",
         ),
     ]
     return [f"  {name:<18}{_gib(value)}   ({detail})" for name, value, detail in rows]
@@ -93,11 +93,28 @@ def _verdict(result: Plan) -> str:
     return f"fits, {headroom / GIB:.1f} GiB headroom{tight}"
 
 
-def _step_line(result: Plan) -> str:
-    flops = result.tokens_per_step * result.flops_per_token
-    gpu = result.gpu
-    return (
-        f"step time: ~{result.step_seconds():.0f} s ({flops / 1e15:.1f} PFLOP per step = "
-        f"{result.tokens_per_step:,} tokens x {result.flops_per_token / 1e9:.0f} GFLOP/token; "
-        f"{result.world} x {gpu.peak_tflops:.0f} TFLOP/s bf16 at MFU {gpu.mfu:.2f})"
+def _step_lines(result: Plan) -> list[str]:
+    """The step time over the utilisation range, what it counts, and where the utilisation comes from."""
+    gpu, hfu, share = result.gpu, result.utilisation, result.recompute_share
+    on = f"on {result.world} x {gpu.name} ({gpu.peak_tflops:.0f} TFLOP/s bf16 each)"
+    work = (
+        f"  work: {result.tokens_per_step:,} tokens x {result.flops_per_token / 1e9:.0f} GFLOP/token executed = "
+        f"{result.tokens_per_step * result.flops_per_token / 1e15:.1f} PFLOP ({result.model_flops_per_token / 1e9:.0f}"
+        f" model{_recompute_part(result)}; MFU = HFU x {share:.2f})"
     )
+    if result.mfu_override is not None:
+        return [f"step time: ~{result.step_seconds():.0f} s at MFU {result.mfu_override:.2f} (--mfu) {on}", work]
+    fast, slow = result.step_range()
+    kind = "engineering estimate" if hfu.estimate else "published"
+    return [
+        f"step time: ~{result.step_seconds():.0f} s ({fast:.0f}-{slow:.0f} s) at MFU {hfu.central * share:.2f} "
+        f"({hfu.low * share:.2f}-{hfu.high * share:.2f}), HFU {hfu.central:.2f} ({hfu.low:.2f}-{hfu.high:.2f}) {on}",
+        work,
+        f"  HFU source ({kind}): {hfu.source} (launch/mfu_table.py; override with --mfu)",
+    ]
+
+
+def _recompute_part(result: Plan) -> str:
+    extra = result.flops_per_token - result.model_flops_per_token
+    recompute = result.recipe.train.recompute
+    return f" + {extra / 1e9:.0f} {recompute}-recompute GFLOP/token" if extra > 0 else " GFLOP/token"
