@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from glm45_train import __version__
-from glm45_train.cli import chat, check, data, export, make_tiny, plan, push, sft, submit
+from glm45_train.cli import chat, check, data, export, make_tiny, plan, push, rl, sft, submit
 from glm45_train.errors import UserError
 
-COMMANDS = (make_tiny, export, data, check, sft, chat, plan, submit, push)
+COMMANDS = (make_tiny, export, data, check, sft, rl, chat, plan, submit, push)
 
 
 class CommandParser(argparse.ArgumentParser):

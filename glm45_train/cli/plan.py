@@ -1,15 +1,21 @@
 """`glm45-train plan RECIPE.yaml [--gpu h20|h100|h200] [--nodes N --gpus-per-node G] [--config air|glm45|PATH]
 [--mfu X] [key=value ...]`: memory per GPU, fit, GPUs needed and a step-time estimate, before submitting.
 
-Without --nodes the plan is made for the smallest world size that fits the recipe's layout.
+Without --nodes the plan is made for the smallest world size that fits the recipe's layout. An RL recipe
+(`rl.rewards` set) is planned with its reference model and rollout engine; with separate rollout GPUs
+(rl.rollout.colocate false) --nodes x --gpus-per-node counts them too, and the rest train.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import TYPE_CHECKING
 
 from glm45_train.launch.plan import GPUS
+
+if TYPE_CHECKING:
+    from glm45_train.config.recipe import Recipe
 
 
 def add_parser(subparsers) -> None:
@@ -48,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     if args.nodes is not None:
         if args.nodes < 1 or args.gpus_per_node < 1:
             raise UserError("--nodes and --gpus-per-node must be positive")
-        world = args.nodes * args.gpus_per_node
+        world = args.nodes * args.gpus_per_node - _separate_rollout_gpus(recipe)
+        if world < 1:
+            raise UserError(f"--nodes x --gpus-per-node leaves no training GPU beside rl.rollout.gpus ({world})")
     elif valid is None:
         raise UserError("no world size up to 8192 GPUs makes this layout valid; check parallel.*")
     else:
@@ -60,3 +68,11 @@ def run(args: argparse.Namespace) -> int:
         result = dataclasses.replace(result, mfu_override=args.mfu)
     print(format_plan(result, args.recipe, fitting))
     return 0 if result.fits else 1
+
+
+def _separate_rollout_gpus(recipe: Recipe) -> int:
+    """GPUs of the job that run rollout engines only: rl.rollout.gpus of an RL recipe that does not colocate."""
+    from glm45_train.launch.rl_plan import is_rl
+
+    rollout = recipe.rl.rollout
+    return rollout.gpus if is_rl(recipe) and not rollout.colocate else 0

@@ -39,7 +39,7 @@ def run_rehearsal(args: argparse.Namespace, config_hint: str | None = None) -> i
     return 0 if result.passed else 1
 
 
-def _is_first_rank() -> bool:
+def is_first_rank() -> bool:
     import torch.distributed as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0
@@ -66,6 +66,6 @@ def run(args: argparse.Namespace) -> int:
     result = run_sft(ensure_prepared(recipe))
     how = "stopped by signal, checkpointed" if result.stopped_by_signal else "finished"
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
-    if _is_first_rank():  # every rank runs this command; one summary line
+    if is_first_rank():  # every rank runs this command; one summary line
         print(f"sft {how} at step {result.steps}; last loss {loss}; run directory {result.run_dir}")
     return 0

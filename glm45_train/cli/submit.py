@@ -38,6 +38,13 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def command_for(recipe) -> str:
+    """`rl` for an RL recipe (it names rewards), else `sft`."""
+    from glm45_train.config.rl import is_rl_recipe
+
+    return "rl" if is_rl_recipe(recipe) else "sft"
+
+
 def run(args: argparse.Namespace) -> int:
     from glm45_train.config.recipe import load_recipe
     from glm45_train.launch import slurm
@@ -54,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     spec = slurm.JobSpec(
         run_dir=run_dir,
         workdir=Path.cwd(),
-        entry=("-m", "glm45_train.cli.main", "sft", str(run_dir / "slurm" / "recipe.yaml")),
+        entry=("-m", "glm45_train.cli.main", command_for(recipe), str(run_dir / "slurm" / "recipe.yaml")),
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
         procs_per_node=procs,

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from glm45_train.config.errors import RecipeError
 from glm45_train.config.layout import ParallelLayout
-from glm45_train.errors import UserError
+from glm45_train.config.rl import RLSection
 
 LORA_TARGETS = (
     "linear_qkv",  # attention QKV (fused)
@@ -26,10 +27,6 @@ LORA_TARGETS = (
 )
 RECOMPUTE = ("none", "selective", "full")
 DATA_MODES = ("keep", "non-thinking")  # and "mixed:P" with 0 <= P <= 1
-
-
-class RecipeError(UserError, ValueError):
-    """A recipe key with a wrong value, an unknown key, or a layout that cannot run."""
 
 
 @dataclass
@@ -123,6 +120,7 @@ class Recipe:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    rl: RLSection = field(default_factory=RLSection)  # read by `rl` only (config/rl.py)
 
 
 def mtp_layers(recipe: Recipe, hf: Any) -> int | None:

@@ -12,6 +12,9 @@ Per pipeline stage and GPU, in bytes:
                  1F1B schedule holds on the stage; the recompute working set; the loss logits on the last stage
     overheads    CONTEXT_GIB per process, plus the caching allocator's reserve (RESERVE_FRACTION of the above)
 
+RL recipes (with `rl.rewards`): rl_plan.py adds the reference model (a frozen bf16 copy in every stage's
+weights when full training has rl.grpo.kl_coeff > 0) and the rollout engine's phases, which `fits` includes.
+
 Assumptions: the MTP block is built (and counted) only when train.mtp_loss_weight > 0; packed rows are full
 (max_length tokens); routed tokens are spread evenly over experts; LoRA adapters use the model's dtype.
 
@@ -55,6 +58,7 @@ from dataclasses import dataclass, field
 
 from glm45_train.config.recipe import Recipe, RecipeError, mtp_layers, validate_layout
 from glm45_train.launch import activations as act
+from glm45_train.launch import rl_plan
 from glm45_train.launch.mfu_table import Utilisation, utilisation
 from glm45_train.launch.model_parts import ModelParts, count_parts
 from glm45_train.model.hf_config import Glm45Config
@@ -94,10 +98,11 @@ class StageMemory:
     kept_activations: float
     working_activations: float
     logits: float
+    reference_weights: float = 0.0  # RL: the frozen reference copy (rl_plan.py)
 
     @property
     def weights(self) -> float:
-        return self.frozen_weights + self.trained_weights
+        return self.frozen_weights + self.trained_weights + self.reference_weights
 
     @property
     def activations(self) -> float:
@@ -139,6 +144,7 @@ class Plan:
     utilisation: Utilisation  # HFU of this GPU and training kind (mfu_table.py)
     mfu_override: float | None = None  # `plan --mfu`
     extra: dict[str, float] = field(default_factory=dict)
+    rl: rl_plan.RolloutPlan | None = None  # RL recipes: reference model and rollout engine
 
     @property
     def worst(self) -> StageMemory:
@@ -146,7 +152,7 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.worst.total <= self.gpu.memory_gib * GIB
+        return self.worst.total <= self.gpu.memory_gib * GIB and (self.rl is None or self.rl.fits)
 
     @property
     def recompute_share(self) -> float:
@@ -180,6 +186,8 @@ def plan(recipe: Recipe, hf: Glm45Config, gpu: str, world: int) -> Plan:
     stages = tuple(_stage_memory(recipe, parts, stage, dp, expert_dp, microbatches, mtp) for stage in range(p.pp))
     total, trained = _model_totals(recipe, parts, mtp)
     moe = hf.n_routed_experts > 0 and hf.num_hidden_layers > hf.first_k_dense_replace
+    capacity, context = GPUS[gpu].memory_gib * GIB, CONTEXT_GIB * GIB
+    rl = rl_plan.plan_rollout(recipe, hf, world, stages, capacity, context) if rl_plan.is_rl(recipe) else None
     return Plan(
         recipe=recipe,
         hf=hf,
@@ -196,6 +204,7 @@ def plan(recipe: Recipe, hf: Glm45Config, gpu: str, world: int) -> Plan:
         trained_params=trained,
         mtp_built=mtp,
         utilisation=utilisation(gpu, moe=moe, lora=recipe.lora.enabled),
+        rl=rl,
     )
 
 
@@ -256,6 +265,7 @@ def _stage_memory(
         kept_activations=kept,
         working_activations=working,
         logits=logits,
+        reference_weights=rl_plan.reference_bytes(recipe, sum(base.values())),
     )
 
 

@@ -1,4 +1,4 @@
-"""`sft/submit RECIPE --rehearse`: run a recipe's parallel layout for real on a scaled-down GLM-4.5, over gloo with
+"""`sft/rl/submit RECIPE --rehearse`: run a recipe's parallel layout for real on a scaled-down GLM-4.5, over gloo with
 CPU processes, to catch layout and config errors before a cluster is touched.
 
 Kept as written: parallel (tp/pp/ep/etp/cp/sp), lora, train.recompute and every other key the user did not
@@ -31,12 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from glm45_train.config.recipe import Recipe, load_recipe
+from glm45_train.config.rl import is_rl_recipe
 from glm45_train.errors import UserError
 from glm45_train.model.hf_config import Glm45Config
 from glm45_train.model.releases import RELEASED_CONFIGS
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_DATA = PACKAGE_ROOT / "data" / "sample_distill.jsonl"
+SAMPLE_PROMPTS = PACKAGE_ROOT / "data" / "rl_prompts_sample.jsonl"
 STEPS = 2
 MAX_ROW_TOKENS = 256
 TINY_SIZES = dict(
@@ -198,9 +200,11 @@ def rehearse(
     config_hint: str | None = None,
     timeout_s: float = 1800.0,
     echo: Any = print,
+    command: str | None = None,
 ) -> Rehearsal:
     """Scale the recipe's model and data down, run it on CPU processes, and say how it went (see the docstring)."""
     recipe = load_recipe(recipe_path, overrides)
+    command = command or ("rl" if is_rl_recipe(recipe) else "sft")
     if recipe.parallel.cp > 1:
         raise UserError(
             "parallel.cp > 1 cannot be rehearsed on CPU: Megatron's local attention has no context parallelism "
@@ -217,14 +221,14 @@ def rehearse(
     work = Path(tempfile.mkdtemp(prefix="glm45-rehearse-"))
     result.work_dir = work
     source, tokenizer = _write_model(config, recipe, work)
-    eval_rows = t.micro_batch_size * dp
-    data, rows = _prepare_data(recipe, tokenizer, work / "data", global_batch + eval_rows)
     run_dir = work / "run"
+    data_settings = (
+        _rl_settings(global_batch) if command == "rl" else _sft_data_settings(recipe, tokenizer, work, global_batch, dp)
+    )
     settings = [
         f"model.source={source}",
         "model.dtype=fp32",
-        f"data.prepared={data}",
-        "data.inputs=[]",
+        *data_settings,
         f"data.tokenizer={tokenizer}",
         f"data.max_length={min(recipe.data.max_length, MAX_ROW_TOKENS)}",
         f"train.steps={STEPS}",
@@ -232,19 +236,41 @@ def rehearse(
         f"train.global_batch_size={global_batch}",
         f"checkpoint.dir={run_dir}",
         f"checkpoint.interval={STEPS}",
-        f"eval.split={(eval_rows - 0.5) / rows}",  # exactly eval_rows rows: one micro-batch per DP rank
-        f"eval.interval={STEPS}",
         "logging.interval=1",
         "logging.tensorboard=false",
         "logging.plot=false",
     ]
     echo(f"rehearse: scaled model and data in {work}; {STEPS} steps on {world} processes...")
-    returncode, output = _launch(recipe_path, [*overrides, *settings], world, work / "logs", timeout_s)
+    returncode, output = _launch(command, recipe_path, [*overrides, *settings], world, work / "logs", timeout_s)
     result.seconds = time.perf_counter() - started
     _collect(result, run_dir, returncode, output, work / "logs")
     if result.passed:
         shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _sft_data_settings(recipe: Recipe, tokenizer: Path, work: Path, global_batch: int, dp: int) -> list[str]:
+    eval_rows = recipe.train.micro_batch_size * dp
+    data, rows = _prepare_data(recipe, tokenizer, work / "data", global_batch + eval_rows)
+    return [
+        f"data.prepared={data}",
+        "data.inputs=[]",
+        f"eval.split={(eval_rows - 0.5) / rows}",  # exactly eval_rows rows: one micro-batch per DP rank
+        f"eval.interval={STEPS}",
+    ]
+
+
+def _rl_settings(global_batch: int) -> list[str]:
+    """RL: the sample prompts, groups of 2, two updates per step, 16 new tokens, the CPU engine (rollout layout
+    and memory are `plan`'s: the engine itself cannot run here)."""
+    return [
+        "data.prepared=null",
+        f"data.inputs=[{SAMPLE_PROMPTS}]",
+        f"rl.prompts_per_step={global_batch}",
+        "rl.rollout.group_size=2",
+        "rl.rollout.max_new_tokens=16",
+        "rl.rollout.engine=hf",
+    ]
 
 
 def _write_model(config: dict[str, Any], recipe: Recipe, work: Path) -> tuple[Path, Path]:
@@ -291,12 +317,14 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
-def _launch(recipe_path: str, overrides: list[str], world: int, log_dir: Path, timeout_s: float) -> tuple[int, str]:
-    """`torchrun ... glm45-train sft RECIPE overrides`; returns (exit code, torchrun's own output)."""
+def _launch(
+    command_name: str, recipe_path: str, overrides: list[str], world: int, log_dir: Path, timeout_s: float
+) -> tuple[int, str]:
+    """`torchrun ... glm45-train sft|rl RECIPE overrides`; returns (exit code, torchrun's own output)."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
         f"--log-dir={log_dir}", "--redirects=3",
-        "-m", "glm45_train.cli.main", "sft", recipe_path, *overrides,
+        "-m", "glm45_train.cli.main", command_name, recipe_path, *overrides,
     ]  # fmt: skip
     process = subprocess.Popen(
         command, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True

@@ -1,8 +1,11 @@
-"""The text `glm45-train plan` prints: layout, memory per GPU by kind (worst pipeline stage), fit, step time."""
+"""The text `glm45-train plan` prints: layout, memory per GPU by kind (worst pipeline stage), fit, step time;
+for RL recipes also the step's samples and updates, the reference model and the rollout engine (rl_plan.py)."""
 
 from __future__ import annotations
 
+from glm45_train.config.recipe import Recipe
 from glm45_train.launch.plan import CONTEXT_GIB, GIB, RESERVE_FRACTION, Plan, StageMemory
+from glm45_train.launch.rl_plan import ENGINE_CONTEXT_GIB, ENGINE_WORKSPACE_GIB, Phase, RolloutPlan
 
 TIGHT = 0.05  # headroom below this share of the GPU's memory is flagged
 
@@ -25,7 +28,10 @@ def format_plan(result: Plan, source: str, gpus_needed: int | None) -> str:
     if gpus_needed is None:
         lines.append(f"GPUs needed: none with this layout fits {result.gpu.name}; raise ep, pp or tp")
     else:
-        lines.append(f"GPUs needed: {gpus_needed} (smallest valid world for this layout that fits)")
+        rollout = f" + {result.rl.gpus} rollout GPUs" if result.rl is not None and not result.rl.colocated else ""
+        lines.append(f"GPUs needed: {gpus_needed}{rollout} (smallest valid world for this layout that fits)")
+    if result.rl is not None:
+        lines += _rl_lines(result, result.rl)
     lines += _step_lines(result)
     if recipe.train.recompute != "full":
         lines.append(f"note: train.recompute = {recipe.train.recompute}; 'full' keeps only layer inputs")
@@ -37,7 +43,8 @@ def _model_line(result: Plan) -> str:
     mtp = "MTP built" if result.mtp_built else "MTP not built (train.mtp_loss_weight = 0)"
     total = f"{result.total_params / 1e9:.1f}B parameters, {hf.num_hidden_layers} layers, {mtp}"
     if not recipe.lora.enabled:
-        return f"{total}; full SFT: all trained ({recipe.model.dtype})"
+        kind = "full RL" if result.rl is not None else "full SFT"
+        return f"{total}; {kind}: all trained ({recipe.model.dtype})"
     targets = ", ".join(recipe.lora.targets)
     return f"{total}; LoRA r{recipe.lora.rank} on {targets}: {result.trained_params / 1e6:.1f}M trained"
 
@@ -56,12 +63,11 @@ def _memory_lines(result: Plan, stage: StageMemory) -> list[str]:
     recipe = result.recipe
     dtype = recipe.model.dtype
     sharded = "/ dp" if recipe.train.distributed_optimizer else "not sharded"
+    weights = f"frozen {dtype} {stage.frozen_weights / GIB:.2f}, trained {stage.trained_weights / GIB:.2f}"
+    if stage.reference_weights:
+        weights += f", RL reference bf16 {stage.reference_weights / GIB:.2f}"
     rows = [
-        (
-            "weights",
-            stage.weights,
-            f"frozen {dtype} {stage.frozen_weights / GIB:.2f}, trained {stage.trained_weights / GIB:.2f}",
-        ),
+        ("weights", stage.weights, weights),
         ("gradients", stage.gradients, "fp32 grad buffer of trained parameters"),
         ("optimizer states", stage.optimizer, f"Adam m, v + fp32 master copies, {sharded}"),
         ("activations", stage.activations, _activation_detail(result, stage)),
@@ -118,3 +124,53 @@ def _recompute_part(result: Plan) -> str:
     extra = result.flops_per_token - result.model_flops_per_token
     recompute = result.recipe.train.recompute
     return f" + {extra / 1e9:.0f} {recompute}-recompute GFLOP/token" if extra > 0 else " GFLOP/token"
+
+
+def _rl_lines(result: Plan, rl: RolloutPlan) -> list[str]:
+    """The RL step, the reference model, the rollout engine's share and both phases, and the RL verdict."""
+    recipe = result.recipe
+    gib = result.gpu.memory_gib
+    where = f"colocated on the {rl.gpus} training GPUs" if rl.colocated else f"on {rl.gpus} separate GPUs"
+    lines = [
+        f"rl: {recipe.rl.prompts_per_step} prompts x {recipe.rl.rollout.group_size} responses = {rl.samples} "
+        f"samples per step = {rl.updates} optimizer updates of {recipe.train.global_batch_size}; training rows "
+        f"of data.max_length = {rl.row_tokens} tokens (prompt + response, counted full)",
+        f"  reference model: {_reference_line(recipe, rl)}",
+        f"  rollout engine (rl.rollout.engine = {recipe.rl.rollout.engine}; figures are SGLang's): {where}, "
+        f"{rl.engines} engine(s) of tp {rl.tp}; rl.rollout.gpu_memory_fraction {rl.fraction} = "
+        f"{rl.engine_share / GIB:.1f} of {gib:.1f} GiB per GPU",
+        f"    {'engine weights':<16}{_gib(rl.engine_weights)}   (bf16 checkpoint without the MTP layer / tp {rl.tp})",
+        f"    {'KV cache':<16}{_gib(rl.kv_cache)}   ({rl.kv_per_token / 1024:.1f} KiB per token per GPU: "
+        f"{max(0.0, rl.kv_cache) / rl.kv_per_token / 1e3:.0f}k tokens = {rl.kv_rows:.1f} rows of {rl.row_tokens})",
+    ]
+    lines += [f"  {_phase_line(phase)}" for phase in rl.phases]
+    lines.append(
+        f"  assumed, not measured: engine CUDA context {ENGINE_CONTEXT_GIB:.1f} GiB (kept asleep), workspace "
+        f"{ENGINE_WORKSPACE_GIB:.1f} GiB outside its fraction; the trainer frees activations and empties its "
+        "cache before the engine wakes"
+    )
+    lines.append(
+        f"  training per RL step: ~{rl.updates * result.step_seconds():.0f} s ({rl.updates} x the step time "
+        "below); rollout time is not estimated"
+    )
+    failure = rl.failure()
+    lines.append(f"rl fit: {'fits' if failure is None else 'does NOT fit: ' + failure}")
+    return lines
+
+
+def _reference_line(recipe: Recipe, rl: RolloutPlan) -> str:
+    if rl.reference == "none":
+        return "none (rl.grpo.kl_coeff = 0: no KL term, no reference forward)"
+    if rl.reference == "lora-base":
+        return f"the base with the LoRA adapters disabled (kl_coeff {recipe.rl.grpo.kl_coeff}; no extra memory)"
+    return (
+        f"a frozen bf16 copy sharded like the model (kl_coeff {recipe.rl.grpo.kl_coeff}): "
+        f"{rl.reference_bytes / GIB:.2f} GiB per GPU, in the weights above"
+    )
+
+
+def _phase_line(phase: Phase) -> str:
+    parts = " + ".join(f"{name} {size / GIB:.1f}" for name, size in phase.parts)
+    headroom = (phase.capacity - phase.total) / GIB
+    verdict = f"fits, {headroom:.1f} GiB headroom" if phase.fits else f"does NOT fit ({-headroom:.1f} GiB over)"
+    return f"{phase.name}: {parts} = {phase.total / GIB:.1f} GiB -> {verdict}"

@@ -17,6 +17,7 @@ Notable:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Iterator
@@ -91,6 +92,19 @@ def apply_lora(model: Any, lora: LoraSection, *, seed: int = 0) -> LoraReport:
     report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report.total_params = sum(p.numel() for p in model.parameters())
     return report
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """The base model alone inside the block (every adapter's term off; nothing copied): RL's reference model."""
+    adapters = iter_adapters(model)
+    for adapter in adapters:
+        adapter.disabled = True
+    try:
+        yield
+    finally:
+        for adapter in adapters:
+            adapter.disabled = False
 
 
 @torch.no_grad()

@@ -75,6 +75,7 @@ class Adapter(torch.nn.Module):
         self.scaling = alpha / rank
         self.dropout_p = dropout
         self.handle: Any = None  # the forward hook (or gating override) to undo on merge
+        self.disabled = False  # True: the base alone (RL's reference model; apply.adapters_disabled)
 
     def entries(self) -> Iterator[tuple[str, torch.nn.Parameter, Shard]]:
         """(full TP=1 name, local parameter, how it is cut) for every LoRA tensor of this adapter."""
@@ -160,7 +161,7 @@ class LoraLinear(Adapter):
         else:
             x = args[0] if args else next(iter(kwargs.values()))
             out, bias = output
-        return out + self(x).to(out.dtype), bias
+        return (out if self.disabled else out + self(x).to(out.dtype)), bias
 
     def delta_weights(self) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor]]:
         delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
@@ -228,7 +229,7 @@ class GroupedLoraLinear(Adapter):
 
     def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         out, bias = output
-        return out + self(args[0], args[1]).to(out.dtype), bias
+        return (out if self.disabled else out + self(args[0], args[1]).to(out.dtype)), bias
 
     def delta_weights(self) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor]]:
         for i, (a, b) in enumerate(zip(self.lora_A, self.lora_B, strict=True)):
@@ -279,6 +280,8 @@ class LoraRouter(Adapter):
         """Replaces the router instance's `gating` (TopKRouter.forward calls `self.gating(input)`)."""
         router = self.base
         logits = type(router).gating(router, x)
+        if self.disabled:
+            return logits
         x = self._dropout(x, same_on_tp_ranks=not router.config.sequence_parallel)
         h = F.linear(x.to(logits.dtype), self.lora_A.to(logits.dtype))
         return logits + F.linear(h, self.lora_B.to(logits.dtype)) * self.scaling

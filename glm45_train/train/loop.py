@@ -46,7 +46,7 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 def forward_step(data_iterator, model):
     batch: Batch = next(data_iterator)
     if torch.cuda.is_available():
-        batch, packed = _as_thd(batch)
+        batch, packed = as_thd(batch)
     else:
         packed = None  # CPU attention isolates packed samples with the block-diagonal mask instead
     output = model(
@@ -60,7 +60,7 @@ def forward_step(data_iterator, model):
     return output, functools.partial(_loss_func, batch.loss_mask)
 
 
-def _as_thd(batch: Batch) -> tuple[Batch, Any]:
+def as_thd(batch: Batch) -> tuple[Batch, Any]:
     """GPU path: rows end to end as one [1, b*s] sequence with cu_seqlens, so Transformer Engine's attention keeps
     packed samples apart (THD format), on the current CUDA device."""
     from megatron.core.packed_seq_params import PackedSeqParams
@@ -117,10 +117,7 @@ def train_step(trainer: Trainer, batches: list[Batch]) -> dict[str, float]:
     trainer.model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
     loss_sum, tokens = _run_batches(trainer, batches, forward_only=False)
-    lr = trainer.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
-    with trainer.cpu_context():
-        _updated, grad_norm, _zeros = trainer.optimizer.step()
-    trainer.scheduler.step(increment=1)
+    lr, grad_norm = optimizer_step(trainer)
     seconds = time.perf_counter() - started
     all_tokens = sum(b.tokens.numel() for b in batches) * trainer.dp_size  # positions processed, padding included
     extra = {"mfu": _mfu(trainer, batches, all_tokens / seconds)} if torch.cuda.is_available() else {}
@@ -128,12 +125,21 @@ def train_step(trainer: Trainer, batches: list[Batch]) -> dict[str, float]:
         **extra,
         "loss": loss_sum / max(tokens, 1.0),
         "lr": lr,
-        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "grad_norm": grad_norm,
         "trained_tokens": tokens,
         "tokens": all_tokens,
         "tokens_per_s": all_tokens / seconds,
         "step_seconds": seconds,
     }
+
+
+def optimizer_step(trainer: Trainer) -> tuple[float, float]:
+    """Apply the accumulated gradients and move the LR schedule; returns (lr used, grad norm)."""
+    lr = trainer.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
+    with trainer.cpu_context():
+        _updated, grad_norm, _zeros = trainer.optimizer.step()
+    trainer.scheduler.step(increment=1)
+    return lr, float(grad_norm) if grad_norm is not None else float("nan")
 
 
 def _mfu(trainer: Trainer, batches: list[Batch], tokens_per_s: float) -> float:

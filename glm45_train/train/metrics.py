@@ -13,9 +13,18 @@ from typing import Any
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, tensorboard: bool) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        tensorboard: bool,
+        desc: str = "sft",
+        show: str = "loss",
+    ) -> None:
         self.path = run_dir / "metrics.jsonl"
-        self.enabled = enabled
+        self.enabled, self.show = enabled, show
         self._bar = None
         self._tb = None
         if not enabled:
@@ -25,7 +34,7 @@ class MetricsLog:
         if start_step == 0 and self.path.exists():
             self.path.unlink()  # a fresh run: no stale curve from a previous one in the same directory
         self._truncate_after(start_step)
-        self._bar = tqdm(total=total_steps, initial=start_step, desc="sft", unit="step", dynamic_ncols=True)
+        self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -47,8 +56,8 @@ class MetricsLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float):
                     self._tb.add_scalar(key, value, record["step"])
-        if self._bar is not None and "loss" in record:
-            self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        if self._bar is not None and self.show in record:
+            self._bar.set_postfix({self.show: f"{record[self.show]:.4f}", "lr": f"{record['lr']:.2e}"})
 
     def advance(self) -> None:
         if self._bar is not None:
@@ -84,6 +93,28 @@ def plot_loss(metrics_path: Path, out_png: Path) -> Path:
     ax.set_ylabel("loss (per token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def plot_metrics(metrics_path: Path, out_png: Path, keys: tuple[str, ...]) -> Path:
+    """One panel per metric against step (RL: reward, response length, KL, entropy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]
+        if points:
+            ax.plot(*zip(*points, strict=True))
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)

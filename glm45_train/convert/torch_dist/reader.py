@@ -9,6 +9,7 @@ those regions are found in the checkpoint's `.metadata` and read record by recor
 into the destination when a stored chunk is exactly the region (any checkpoint written at TP=1), else through a
 buffer from which the overlap is copied (checkpoints written at other layouts). Only those bytes are read.
 Nothing is unpickled outside formats/safe_pickle.py's allow-list (`.metadata` through dcp_reader.py).
+`model_tensor_pieces` is that region table on its own (the RL weight sync gathers the same regions from a live model).
 """
 
 from __future__ import annotations
@@ -175,25 +176,39 @@ class McoreTensorSource:
             distributed.initialize()
         if current_layout() != ParallelLayout():
             raise ValueError(f"McoreTensorSource reads at TP=PP=EP=1, not {current_layout()}; use load_mcore")
-        model = build_meta_model(self.hf, torch.bfloat16, with_mtp=self.has_mtp)
-        index = TensorIndex(model)
-        pieces: dict[str, list[Piece]] = {name: [] for name in index.tensors}
-        for sharded in sharded_tensors(te_style_sharded_state_dict(model, for_save=False)):
-            name = index.name_of(sharded.data)
-            view = sharded.data
-            pieces[name].append(
-                Piece(
-                    key=sharded.key,
-                    global_shape=tuple(sharded.global_shape),
-                    global_offset=tuple(sharded.global_offset),
-                    prepend_axes=sharded.prepend_axis_num,
-                    size=tuple(view.shape),
-                    stride=tuple(view.stride()),
-                    offset=index.offset_in_tensor(view),
-                )
+        pieces, self._shapes = model_tensor_pieces(self.hf, with_mtp=self.has_mtp)
+        return pieces
+
+
+def model_tensor_pieces(
+    hf: Glm45Config, *, with_mtp: bool = True
+) -> tuple[dict[str, list[Piece]], dict[str, tuple[int, ...]]]:
+    """(checkpoint regions of each full TP=1 model tensor, in model order; the full shape of each tensor).
+
+    Asked of a TP=1 model built on `meta`, so Megatron's parallel state must be at TP=PP=EP=1 (the RL weight
+    sync computes this before the training layout is set up). Tensors without checkpoint regions are left out.
+    """
+    if current_layout() != ParallelLayout():
+        raise ValueError(f"the checkpoint regions of model tensors are computed at TP=PP=EP=1, not {current_layout()}")
+    model = build_meta_model(hf, torch.bfloat16, with_mtp=with_mtp)
+    index = TensorIndex(model)
+    pieces: dict[str, list[Piece]] = {name: [] for name in index.tensors}
+    for sharded in sharded_tensors(te_style_sharded_state_dict(model, for_save=False)):
+        name = index.name_of(sharded.data)
+        view = sharded.data
+        pieces[name].append(
+            Piece(
+                key=sharded.key,
+                global_shape=tuple(sharded.global_shape),
+                global_offset=tuple(sharded.global_offset),
+                prepend_axes=sharded.prepend_axis_num,
+                size=tuple(view.shape),
+                stride=tuple(view.stride()),
+                offset=index.offset_in_tensor(view),
             )
-        self._shapes = {name: tuple(tensor.shape) for name, tensor in index.tensors.items()}
-        return {name: parts for name, parts in pieces.items() if parts}
+        )
+    shapes = {name: tuple(tensor.shape) for name, tensor in index.tensors.items()}
+    return {name: parts for name, parts in pieces.items() if parts}, shapes
 
 
 def _overlap(box: ChunkStorageMetadata, chunk: ChunkStorageMetadata) -> tuple[tuple[slice, ...], ...] | None:

@@ -1,0 +1,120 @@
+"""The `rl:` section of a recipe (GRPO after SFT) and its checks.
+
+An RL recipe is an SFT recipe with this section: `model`, `parallel`, `lora`, `train`, `checkpoint` and
+`logging` mean what they mean for `sft` (one model build, one LoRA, one checkpoint format); `data.inputs` are
+the prompt sets (messages JSONL / JSON / Parquet / datasets / ModelScope IDs, as for `data prepare`), and
+`data.max_length` bounds prompt + response. One RL step: `rl.prompts_per_step` prompts, `rl.rollout.group_size`
+responses each, scored, then `prompts_per_step x group_size / train.global_batch_size` optimizer updates on them
+(verl's ppo_mini_batch_size; ms-swift's `--num_generations` is the group size). `train.steps` counts RL steps.
+Comments name the ms-swift / verl flag each key corresponds to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from glm45_train.config.errors import RecipeError
+
+ENGINES = ("auto", "hf", "sglang")  # auto: sglang on GPUs when installed, else hf
+
+
+@dataclass
+class RolloutSection:
+    engine: str = "auto"  # hf: transformers on the live weights (CPU or GPU); sglang: SGLang (GPU)
+    group_size: int = 8  # G responses per prompt (--num_generations; verl: rollout.n)
+    temperature: float = 1.0  # --temperature
+    top_p: float = 1.0  # --top_p
+    max_new_tokens: int = 512  # --max_completion_length (verl: response_length)
+    thinking: bool = False  # prompts with thinking on; off renders the empty <think></think> (non-thinking)
+    colocate: bool = True  # the engine shares the training GPUs, its memory released while training
+    gpu_memory_fraction: float = 0.45  # engine's share of each GPU (SGLang mem_fraction_static)
+    tp: int = 1  # engine tensor parallel size (SGLang tp_size)
+    gpus: int = 0  # separate rollout GPUs when colocate is false
+
+
+@dataclass
+class GrpoSection:
+    std_normalize: bool = True  # advantage = (r - mean) / std of the group; false: r - mean (Dr.GRPO)
+    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high] (DAPO clip-higher)
+    clip_high: float = 0.28
+    kl_coeff: float = 0.0  # k3 KL to the frozen reference (--beta); 0: no reference model is used
+    policy_loss: bool = True  # false trains on the KL term only (a negative control for tests)
+
+
+@dataclass
+class RLSection:
+    prompts_per_step: int = 4  # prompts per RL step (verl: data.train_batch_size)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    grpo: GrpoSection = field(default_factory=GrpoSection)
+    rewards: list[Any] = field(default_factory=list)  # [{name, weight, args}]: built-in names or module:function
+    max_reward_failure_fraction: float = 0.5  # one reward failing on more of a batch stops the run
+    answer_field: str = "answer"  # the prompt field holding the reference answer
+    on_error: str = "skip"  # bad prompt records: skip (reported by line) | fail
+
+
+def is_rl_recipe(recipe: Any) -> bool:
+    """An RL recipe names its rewards (`sft` ignores the rl section; `submit` and `--rehearse` run `rl` for it)."""
+    return bool(recipe.rl.rewards)
+
+
+def samples_per_step(rl: RLSection) -> int:
+    return rl.prompts_per_step * rl.rollout.group_size
+
+
+def updates_per_step(recipe: Any) -> int:
+    """Optimizer updates per RL step: the step's samples in global batches of train.global_batch_size."""
+    return samples_per_step(recipe.rl) // recipe.train.global_batch_size
+
+
+def check_rl_values(recipe: Any) -> None:
+    """What `rl` needs of a recipe beyond what `sft` checks; RecipeError naming the key. (The rewards themselves
+    are resolved and their arguments checked by rl/rewards when the run starts: `rl.setup.reward_set`.)"""
+
+    def fail(key: str, why: str) -> None:
+        raise RecipeError(f"key '{key}': {why}")
+
+    rl, rollout, grpo = recipe.rl, recipe.rl.rollout, recipe.rl.grpo
+    if not recipe.data.inputs:
+        fail("data.inputs", "RL reads prompt sets (messages JSONL, datasets, ModelScope IDs), not data.prepared")
+    if rollout.engine not in ENGINES:
+        fail("rl.rollout.engine", f"{rollout.engine!r} is not one of {', '.join(ENGINES)}")
+    if rollout.group_size < 2:
+        fail("rl.rollout.group_size", "GRPO compares responses within a group: at least 2")
+    if rl.prompts_per_step < 1:
+        fail("rl.prompts_per_step", "must be at least 1")
+    if not rollout.temperature > 0:
+        fail("rl.rollout.temperature", "must be > 0 (the policy's log-probs are taken at this temperature)")
+    if not 0 < rollout.top_p <= 1:
+        fail("rl.rollout.top_p", "must be in (0, 1]")
+    if not 0 < rollout.max_new_tokens < recipe.data.max_length:
+        fail("rl.rollout.max_new_tokens", f"must be in (0, data.max_length = {recipe.data.max_length})")
+    if not 0 < rollout.gpu_memory_fraction < 1:
+        fail("rl.rollout.gpu_memory_fraction", "must be in (0, 1)")
+    if rollout.tp < 1 or rollout.gpus < 0:
+        fail("rl.rollout", "tp must be >= 1 and gpus >= 0")
+    if not rollout.colocate and rollout.gpus % rollout.tp:
+        fail("rl.rollout.gpus", f"{rollout.gpus} separate rollout GPUs are not a multiple of rl.rollout.tp")
+    if grpo.clip_low < 0 or grpo.clip_high < 0 or grpo.clip_low >= 1:
+        fail("rl.grpo.clip_low", "clip ranges must be >= 0, clip_low < 1")
+    if grpo.kl_coeff < 0:
+        fail("rl.grpo.kl_coeff", "must be >= 0")
+    if not grpo.policy_loss and grpo.kl_coeff == 0:
+        fail("rl.grpo.policy_loss", "with the policy loss off and kl_coeff 0 there is nothing to train")
+    if not rl.rewards:
+        fail("rl.rewards", "no rewards given, e.g. [{name: math}] (built-ins: see glm45_train/rl/rewards)")
+    if not 0 <= rl.max_reward_failure_fraction <= 1:
+        fail("rl.max_reward_failure_fraction", "must be in [0, 1]")
+    if rl.on_error not in ("skip", "fail"):
+        fail("rl.on_error", f"{rl.on_error!r} is not skip or fail")
+    samples = samples_per_step(rl)
+    if samples % recipe.train.global_batch_size:
+        fail(
+            "train.global_batch_size",
+            f"{recipe.train.global_batch_size} does not divide the {samples} samples of a step "
+            f"(rl.prompts_per_step {rl.prompts_per_step} x rl.rollout.group_size {rollout.group_size})",
+        )
+    if recipe.train.steps is None:
+        fail("train.steps", "RL runs are counted in steps (train.epochs is for sft)")
+    if recipe.train.mtp_loss_weight > 0:
+        fail("train.mtp_loss_weight", "RL trains no MTP loss: set 0 (the MTP block is exported from the base)")

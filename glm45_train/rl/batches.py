@@ -1,0 +1,81 @@
+"""Scored rollouts -> micro-batches for the trainer: the engine's tokens as they are, loss on response tokens.
+
+Notable:
+- A sample's row is prompt ids + response ids, shifted for next-token training by data/'s own
+  `shift_for_training` and padded by its `collate` (the CPU block-diagonal mask included), so a row is
+  exactly what `sft` would train on for that text; the trained positions are the response tokens (the stop
+  token that ended a response included).
+- Per-token tensors beside the batch, aligned with the labels: the sample's advantage on its response tokens,
+  the engine's log-probs, and (filled by the trainer's forward-only passes) logp_old and the reference's.
+- One global batch = `train.global_batch_size` consecutive samples of the step; data-parallel rank r takes
+  samples r, r + dp, ...; every rank pads to the longest row of the global batch (expert and pipeline
+  parallelism exchange activations of one shape), rounded as `Collation` says (TP x 2 under SP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from glm45_train.data.prepared import Batch, collate, shift_for_training
+from glm45_train.train.batches import Collation
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One response of a group, with its reward and advantage."""
+
+    prompt: int  # the prompt's position in the step
+    member: int  # its place in the group (0 .. G-1)
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+    engine_logprobs: tuple[float, ...]
+    finished: bool
+    reward: float = 0.0
+    advantage: float = 0.0
+
+
+@dataclass
+class MicroBatch:
+    batch: Batch
+    advantages: torch.Tensor  # [b, s] float32, the sample's advantage on its response tokens
+    engine_logp: torch.Tensor  # [b, s] float32
+    old_logp: torch.Tensor | None = None  # [b, s], set by the trainer before the first update
+    ref_logp: torch.Tensor | None = None  # [b, s], set when a reference is used
+    samples: list[Sample] = field(default_factory=list)
+
+
+def micro_batches(
+    samples: list[Sample], dp_rank: int, dp_size: int, collation: Collation, pad_id: int
+) -> list[MicroBatch]:
+    """This rank's share of one global batch of samples, as micro-batches of one common length."""
+    examples = [
+        shift_for_training(
+            [np.asarray(s.prompt_ids + s.response_ids, dtype=np.int64)],
+            [np.asarray([0] * len(s.prompt_ids) + [1] * len(s.response_ids), dtype=bool)],
+            pad_id,
+        )
+        for s in samples
+    ]
+    length = collation.length_for(examples)
+    mine = list(range(dp_rank, len(samples), dp_size))
+    size = collation.micro_batch_size
+    out = []
+    for start in range(0, len(mine), size):
+        rows = mine[start : start + size]
+        batch = collate([examples[i] for i in rows], length, pad_id, collation.with_attention_mask)
+        out.append(_with_per_token([samples[i] for i in rows], batch))
+    return out
+
+
+def _with_per_token(samples: list[Sample], batch: Batch) -> MicroBatch:
+    advantages = torch.zeros(batch.labels.shape, dtype=torch.float32)
+    engine_logp = torch.zeros(batch.labels.shape, dtype=torch.float32)
+    for row, sample in enumerate(samples):
+        first = len(sample.prompt_ids) - 1  # the label position of the first response token
+        last = first + len(sample.response_ids)
+        advantages[row, first:last] = sample.advantage
+        engine_logp[row, first:last] = torch.tensor(sample.engine_logprobs, dtype=torch.float32)
+    return MicroBatch(batch, advantages, engine_logp, samples=samples)

@@ -1,0 +1,179 @@
+"""The rollout engine that runs everywhere: transformers' Glm4MoeForCausalLM on the policy's live weights.
+
+Notable:
+- Built once from the model's config.json (no weights read: they arrive through `update_weights`, the same
+  HF-named tensors an SGLang engine is fed, so this engine also exercises the weight sync on CPU).
+  transformers >= 5 fuses each MoE layer's experts (`mlp.experts.gate_up_proj` [E, 2I, H], `down_proj`
+  [E, H, I]); the per-expert HF tensors are stacked into them as they arrive, and an update that leaves a
+  parameter unset, or names one the model lacks, is refused by name.
+- Sampling, one request (a prompt and its group) at a time: the prompt is run once and its KV cache copied
+  to every response of the group (GRPO's G responses share the prompt: G - 1 prefills saved), then one token
+  per step for every unfinished response; finished responses leave the batch (their cache rows dropped).
+- Each response has its own seeded `torch.Generator`; log-probs are log_softmax(logits / temperature) of the
+  sampled token in fp32, before top-p (what the trainer recomputes); top-p keeps the smallest set of tokens
+  whose probability reaches p (the most likely token always).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glm45_train.errors import UserError
+from glm45_train.rl.rollout import Completion, Request, SamplingParams
+
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def model_assets_dir(source: str | Path) -> Path:
+    """The directory holding the model's config.json: an HF checkpoint, or a converted one's hf_assets/."""
+    path = Path(source)
+    for candidate in (path, path / "hf_assets"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise UserError(f"{path}: no config.json here or in hf_assets/ (an HF or converted checkpoint?)")
+
+
+class HFEngine:
+    """RolloutEngine on transformers (CPU, or one GPU)."""
+
+    def __init__(self, assets_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(assets_dir)
+        with torch.device(device):
+            self.model: Any = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        self.config, self.device, self.dtype = config, device, dtype
+        self.params = dict(self.model.named_parameters())
+        self.params.update(
+            (name, buffer) for name, buffer in self.model.named_buffers() if name.endswith("e_score_correction_bias")
+        )
+        self.loaded = False
+
+    # -- weights --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        unset = set(self.params)
+        expert_parts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._experts_done: dict[int, set[int]] = {}
+        for name, tensor in tensors:
+            if self._ignored(name):
+                continue
+            expert = _EXPERT.match(name)
+            if expert:
+                layer, index, part = int(expert[1]), int(expert[2]), expert[3]
+                self._expert_part(layer, index, part, tensor, expert_parts, unset)
+                continue
+            if name not in self.params:
+                raise UserError(f"weight update: {name} is not a tensor of {type(self.model).__name__}")
+            self._copy(name, self.params[name], tensor)
+            unset.discard(name)
+        if expert_parts:
+            layer, index = next(iter(expert_parts))
+            raise UserError(f"weight update: expert {index} of layer {layer} lacks gate, up or down_proj")
+        if unset:
+            raise UserError(f"weight update left {len(unset)} tensor(s) unset, e.g. {sorted(unset)[:3]}")
+        self.loaded = True
+
+    def _ignored(self, name: str) -> bool:
+        """MTP layers (index >= num_hidden_layers): transformers does not build them."""
+        layer = re.match(r"^model\.layers\.(\d+)\.", name)
+        return layer is not None and int(layer[1]) >= self.config.num_hidden_layers
+
+    def _expert_part(self, layer, index, part, tensor, pending, unset) -> None:
+        parts = pending.setdefault((layer, index), {})
+        parts[part] = tensor
+        if len(parts) < 3:
+            return
+        del pending[(layer, index)]
+        prefix = f"model.layers.{layer}.mlp.experts."
+        gate_up = torch.cat([parts["gate"], parts["up"]])
+        self._copy(f"{prefix}{index}.gate/up_proj", self.params[prefix + "gate_up_proj"][index], gate_up)
+        self._copy(f"{prefix}{index}.down_proj", self.params[prefix + "down_proj"][index], parts["down"])
+        done = self._experts_done.setdefault(layer, set())
+        done.add(index)
+        if len(done) == self.config.n_routed_experts:
+            unset.discard(prefix + "gate_up_proj")
+            unset.discard(prefix + "down_proj")
+
+    @staticmethod
+    def _copy(name: str, target: torch.Tensor, tensor: torch.Tensor) -> None:
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise UserError(f"weight update: {name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+        target.copy_(tensor)
+
+    # -- sampling -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, requests: list[Request], params: SamplingParams) -> list[list[Completion]]:
+        if not self.loaded:
+            raise RuntimeError("HFEngine.generate before update_weights: the engine has no weights yet")
+        return [self._group(request, params) for request in requests]
+
+    def _group(self, request: Request, params: SamplingParams) -> list[Completion]:
+        prompt = torch.tensor([request.prompt_ids], device=self.device)
+        out = self.model(input_ids=prompt, use_cache=True)
+        cache = out.cache
+        cache.batch_repeat_interleave(request.samples)
+        logits = out.logits[:, -1].float().expand(request.samples, -1)
+        generators = [_generator(request.seed + j) for j in range(request.samples)]
+        ids: list[list[int]] = [[] for _ in range(request.samples)]
+        logprobs: list[list[float]] = [[] for _ in range(request.samples)]
+        finished = [False] * request.samples
+        active = list(range(request.samples))
+        stop = set(params.stop_token_ids)
+        for position in range(params.max_new_tokens):
+            tokens, token_logprobs = sample(logits, params, [generators[j] for j in active])
+            still = []
+            for row, j in enumerate(active):
+                ids[j].append(int(tokens[row]))
+                logprobs[j].append(float(token_logprobs[row]))
+                if ids[j][-1] in stop:
+                    finished[j] = True
+                else:
+                    still.append(row)
+            if not still or position == params.max_new_tokens - 1:
+                break
+            if len(still) < len(active):
+                cache.batch_select_indices(torch.tensor(still, device=self.device))
+            active = [active[row] for row in still]
+            step = tokens[still].view(-1, 1)
+            logits = self.model(input_ids=step, cache=cache, use_cache=True).logits[:, -1].float()
+        return [Completion(tuple(i), tuple(lp), f) for i, lp, f in zip(ids, logprobs, finished, strict=True)]
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        self.model = None
+
+
+def _generator(seed: int) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(seed % 2**63)
+    return generator
+
+
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token per row, its log-prob at the temperature) from fp32 logits [rows, vocab], one generator per row."""
+    logp = torch.log_softmax(logits / params.temperature, dim=-1)
+    probs = logp.exp()
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p  # keeps the first token always
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    tokens = torch.stack(
+        [torch.multinomial(probs[row], 1, generator=generator)[0] for row, generator in enumerate(generators)]
+    )
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]

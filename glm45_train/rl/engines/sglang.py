@@ -1,0 +1,269 @@
+"""The rollout engine on GPUs: SGLang's offline engine (`sglang.Engine`), an optional dependency (`[rl-gpu]`).
+
+Notable (SGLang's source, python/sglang/srt/...; read at 0.5.x):
+- Token ids in and out: `skip_tokenizer_init=True`, `generate(input_ids=..., sampling_params=[...],
+  return_logprob=True)` (entrypoints/engine.py). A response's ids and log-probs are read from
+  `meta_info["output_token_logprobs"]`, one `(logprob, token_id, text)` per sampled token. The stop token that
+  ended it is among them (managers/schedule_batch.py `_check_token_based_finish`: finished_len includes it);
+  the detokenizer's stop trimming touches text only, and `no_stop_trim` is set anyway.
+- `finish_reason` is `{"type": "stop", "matched": id}` or `{"type": "length", ...}`. Length is checked first
+  (`update_finish_state`), so a response whose last allowed token is a stop token reports "length": it counts
+  as finished here. "abort", or "stop" on a string (SGLang's "NaN happened"), is an error.
+- Log-probs: log_softmax(logits / temperature), before top-p (layers/logprob_processor.py,
+  `OutputLogprobProcessor`): the protocol's quantity, unless the SGLANG_RETURN_ORIGINAL_LOGPROB env is set.
+- Seeds: a request's `sampling_seed` is honoured only with `enable_deterministic_inference` (sampling/
+  sampling_batch_info.py builds the seed tensor only then; layers/sampler.py's flashinfer path asserts it is
+  None; deterministic mode switches to the pytorch sampler and batch-invariant kernels: slower, but a response
+  depends on (weights, prompt, seed) only). With `n` > 1 the copies would share one seed, so a group of G is
+  sent as G requests with seeds seed + j (as slime does). Without `deterministic` no seed is sent.
+- Weights: `update_weights_from_tensor(named_tensors, flush_cache=...)` hands HF names to the model's
+  `load_weights` (models/glm4_moe.py: q/k/v -> qkv_proj, gate/up -> gate_up_proj, experts through FusedMoE's
+  expert mapping, shared experts fused by a rename, layers >= num_hidden_layers (MTP) skipped). It skips a
+  name it does not know without a word, so every name and shape is checked here against the checkpoint's
+  tensor list (model/hf_layout.py), and a missing tensor fails after the last. Tensors go in buckets of
+  BUCKET_BYTES (held until sent: the iterator must not reuse their storage), serialised once per TP rank
+  (CUDA IPC for GPU tensors): the caller must be on the engine's node; an engine spanning nodes is not
+  supported here.
+- Memory: `enable_memory_saver`. `sleep()` releases weights, KV cache and CUDA graphs
+  (`release_memory_occupation`); `wake()` takes back all but the KV cache, resumed at the next `generate`,
+  after the weight update (slime's order: a lower peak while the update runs).
+- Started with `load_format="dummy"` from a directory holding config.json, generation_config.json and the
+  tokenizer files but no weights (`prepare_model_dir`): the weights come from the first `update_weights`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glm45_train.convert.torch_dist.directory import carried_files
+from glm45_train.errors import UserError
+from glm45_train.model.hf_config import Glm45Config
+from glm45_train.model.hf_layout import hf_tensor_shapes
+from glm45_train.rl.rollout import Completion, Request, SamplingParams
+
+INSTALL_HINT = (
+    "rl.rollout.engine sglang needs SGLang: pip install 'glm45-train[rl-gpu]' (GPUs only); "
+    "`rl.rollout.engine: hf` runs everywhere"
+)
+ARCHITECTURE = "Glm4MoeForCausalLM"  # SGLang's model class for model_type glm4_moe
+BUCKET_BYTES = 1 << 30  # weights per update_weights_from_tensor call
+KV_CACHE_TAG = "kv_cache"  # sglang.srt.constants.GPU_MEMORY_TYPE_KV_CACHE
+SEED_RANGE = 2**31  # sampling_seed was an int32 tensor in some SGLang 0.5 releases
+MODEL_DIR_NAME = "sglang_model"
+
+
+def import_sglang() -> Any:
+    """The sglang module, or a UserError saying how to install it and what runs without it."""
+    try:
+        import sglang
+    except ImportError as err:
+        raise UserError(f"{INSTALL_HINT} ({err})") from None
+    return sglang
+
+
+def prepare_model_dir(assets_dir: str | Path, out_dir: str | Path) -> Path:
+    """`out_dir` holding what SGLang reads at start from `assets_dir` (an HF checkpoint, or a converted one's
+    hf_assets/): config.json, generation_config.json, tokenizer and template files; no weights. Written under a
+    staging name and renamed, so the engines of one node preparing the same directory do not collide."""
+    assets, out = Path(assets_dir), Path(out_dir)
+    config = assets / "config.json"
+    if not config.is_file():
+        raise UserError(f"{assets}: no config.json (the engine's model directory needs one)")
+    architectures = json.loads(config.read_text()).get("architectures") or []
+    if ARCHITECTURE not in architectures:
+        raise UserError(f"{config}: architectures {architectures} lack {ARCHITECTURE} (SGLang picks its model by it)")
+    if (out / "config.json").is_file():
+        if (out / "config.json").read_bytes() != config.read_bytes():
+            raise UserError(f"{out}: prepared for another model (its config.json differs from {config}); remove it")
+        return out
+    staging = out.with_name(f".{out.name}.partial.{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for path in carried_files(assets):
+        shutil.copy2(path, staging / path.name)
+    try:
+        staging.rename(out)
+    except OSError:  # another engine of this node finished first, with the same files
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+class WeightCheck:
+    """The tensors SGLang's Glm4MoeForCausalLM loads: each name known, of its shape, once; none missing."""
+
+    def __init__(self, hf: Glm45Config) -> None:
+        self.hf = hf
+        self.expected = {name: shape for name, shape in hf_tensor_shapes(hf) if not self.is_mtp(name)}
+        self.seen: set[str] = set()
+
+    def is_mtp(self, name: str) -> bool:
+        """The MTP layer's tensors, which SGLang's main model skips (its draft model would read them)."""
+        return name.startswith("model.layers.") and int(name.split(".")[2]) >= self.hf.num_hidden_layers
+
+    def take(self, name: str, shape: tuple[int, ...]) -> None:
+        if name not in self.expected:
+            raise ValueError(f"weight update: {name!r} is not a tensor of the checkpoint (SGLang would skip it)")
+        if name in self.seen:
+            raise ValueError(f"weight update: {name!r} sent twice")
+        if shape != self.expected[name]:
+            raise ValueError(f"weight update: {name!r} has shape {list(shape)}, expected {list(self.expected[name])}")
+        self.seen.add(name)
+
+    def finish(self) -> None:
+        missing = sorted(self.expected.keys() - self.seen)
+        if missing:
+            raise ValueError(f"weight update: {len(missing)} tensor(s) missing, e.g. {missing[:3]}")
+
+
+def sampling_requests(
+    requests: Sequence[Request], params: SamplingParams, seeded: bool
+) -> tuple[list[list[int]], list[dict[str, Any]]]:
+    """SGLang's `input_ids` and `sampling_params`: one entry per response, request by request, seed + j."""
+    input_ids, sampling = [], []
+    base = {
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "max_new_tokens": params.max_new_tokens,
+        "stop_token_ids": list(params.stop_token_ids),
+        "no_stop_trim": True,
+    }
+    for request in requests:
+        for j in range(request.samples):
+            input_ids.append(list(request.prompt_ids))
+            seed = {"sampling_seed": (request.seed + j) % SEED_RANGE} if seeded else {}
+            sampling.append({**base, **seed})
+    return input_ids, sampling
+
+
+def completion_from_output(output: Mapping[str, Any], stop_token_ids: Iterable[int]) -> Completion:
+    """One SGLang output dict -> a Completion (ids and log-probs from meta_info's output_token_logprobs)."""
+    meta = output["meta_info"]
+    pairs = meta.get("output_token_logprobs")
+    if pairs is None:
+        raise ValueError("SGLang output without meta_info.output_token_logprobs (return_logprob was not set)")
+    finish = meta.get("finish_reason") or {}
+    kind, matched = finish.get("type"), finish.get("matched")
+    if kind not in ("stop", "length"):
+        raise RuntimeError(f"SGLang ended a response with finish_reason {finish!r}")
+    ids = tuple(int(entry[1]) for entry in pairs)
+    logprobs = tuple(float(entry[0]) for entry in pairs)
+    if kind == "stop" and (not isinstance(matched, int) or not ids or ids[-1] != matched):
+        raise RuntimeError(f"SGLang stopped on {matched!r}, not on the last response token ({ids[-1:]})")
+    finished = kind == "stop" or (bool(ids) and ids[-1] in set(stop_token_ids))
+    return Completion(response_ids=ids, logprobs=logprobs, finished=finished)
+
+
+def group_completions(
+    outputs: Sequence[Mapping[str, Any]], requests: Sequence[Request], stop_token_ids: Iterable[int]
+) -> list[list[Completion]]:
+    """SGLang's outputs (in input order, `sampling_requests`' layout) -> `request.samples` completions each."""
+    expected = sum(request.samples for request in requests)
+    if len(outputs) != expected:
+        raise RuntimeError(f"SGLang returned {len(outputs)} outputs for {expected} responses")
+    stops = set(stop_token_ids)
+    groups, start = [], 0
+    for request in requests:
+        groups.append([completion_from_output(o, stops) for o in outputs[start : start + request.samples]])
+        start += request.samples
+    return groups
+
+
+class SGLangEngine:
+    """RolloutEngine on `sglang.Engine`: rl.rollout.tp GPUs from `base_gpu_id` on this node."""
+
+    def __init__(
+        self,
+        assets_dir: str | Path,
+        rollout: Any,
+        *,
+        seed: int,
+        run_dir: str | Path,
+        base_gpu_id: int | None = None,
+        deterministic: bool = True,
+    ) -> None:
+        """`rollout` is the recipe's rl.rollout section (tp, gpu_memory_fraction); `deterministic` makes every
+        response depend on (weights, prompt, seed) only, at some speed (SGLang's deterministic inference).
+        SGLang's Engine spawns its scheduler processes and sets this process's multiprocessing start method
+        to spawn."""
+        sglang = import_sglang()
+        model_dir = prepare_model_dir(assets_dir, Path(run_dir) / MODEL_DIR_NAME)
+        self.hf = Glm45Config.from_file(model_dir / "config.json")
+        self.deterministic = deterministic
+        self.engine = sglang.Engine(
+            model_path=str(model_dir),
+            tp_size=rollout.tp,
+            mem_fraction_static=rollout.gpu_memory_fraction,
+            load_format="dummy",  # random weights until the first update_weights
+            random_seed=seed,
+            base_gpu_id=torch.cuda.current_device() if base_gpu_id is None else base_gpu_id,
+            enable_memory_saver=True,
+            enable_deterministic_inference=deterministic,
+            skip_tokenizer_init=True,
+        )
+        self.weights_asleep = self.kv_asleep = False
+        self.weights_loaded = False  # dummy weights until update_weights; released ones are not kept
+
+    def update_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self.weights_asleep:
+            raise RuntimeError("SGLangEngine.update_weights while asleep: call wake() first")
+        check = WeightCheck(self.hf)
+        bucket: list[tuple[str, torch.Tensor]] = []
+        size = 0
+        for name, tensor in tensors:
+            if check.is_mtp(name):
+                continue
+            check.take(name, tuple(tensor.shape))
+            bucket.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+            if size >= BUCKET_BYTES:
+                self.engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False)
+                bucket, size = [], 0
+        check.finish()
+        if bucket:  # the last bucket flushes the prefix cache: its KV was computed with the old weights
+            self.engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=True)
+        else:
+            self.engine.flush_cache()
+        self.weights_loaded = True
+
+    def generate(self, requests: list[Request], params: SamplingParams) -> list[list[Completion]]:
+        if self.weights_asleep or not self.weights_loaded:
+            raise RuntimeError("SGLangEngine.generate needs wake() and then update_weights() (weights are not kept)")
+        if not requests:
+            return []
+        if self.kv_asleep:
+            self.engine.resume_memory_occupation(tags=[KV_CACHE_TAG])
+            self.kv_asleep = False
+        input_ids, sampling = sampling_requests(requests, params, seeded=self.deterministic)
+        outputs = self.engine.generate(input_ids=input_ids, sampling_params=sampling, return_logprob=True)
+        return group_completions(outputs if isinstance(outputs, list) else [outputs], requests, params.stop_token_ids)
+
+    def sleep(self) -> None:
+        if not self.weights_asleep:
+            self.engine.release_memory_occupation(tags=_memory_tags())  # weights, KV cache, CUDA graphs
+            self.weights_asleep = self.kv_asleep = True
+            self.weights_loaded = False
+
+    def wake(self) -> None:
+        if self.weights_asleep:
+            self.engine.resume_memory_occupation(tags=[tag for tag in _memory_tags() if tag != KV_CACHE_TAG])
+            self.weights_asleep = False
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def _memory_tags() -> list[str]:
+    """SGLang's memory-saver tags: weights, KV cache and, where the version has it, CUDA graphs
+    (sglang.srt.constants.GPU_MEMORY_ALL_TYPES; releases without it knew the first two only)."""
+    try:
+        from sglang.srt.constants import GPU_MEMORY_ALL_TYPES
+    except ImportError:
+        return ["weights", KV_CACHE_TAG]
+    return list(GPU_MEMORY_ALL_TYPES)

@@ -1,0 +1,117 @@
+"""`run_rl(recipe)`: GRPO on the SFT machinery — rollouts, rewards, advantages, updates, checkpoints, metrics.
+
+One RL step: sync the policy's weights into the engine -> sample `group_size` responses for each of the step's
+`prompts_per_step` prompts -> score them -> group advantages -> logp_old (and the reference's) in forward-only
+passes -> `updates_per_step` optimizer updates, one per global batch of samples -> metrics -> checkpoint.
+
+Notable:
+- Shared, not copied: the trainer (model build, base weights, LoRA, DDP, optimizer, scheduler) is
+  `train/setup.build_trainer`; checkpoints are `train/checkpoint` (atomic torch_dist, SIGTERM/SIGUSR1 save and
+  exit, exact resume), metrics `train/metrics`, the run directory `train/run_dir` (so `export --to-hf` exports
+  an RL run as it exports an SFT run), prompts are rendered by data/'s renderer, weights reach the engine
+  through the converters' mapping (rl/weight_sync.py).
+- Sampling is seeded per (run seed, step, prompt, member) and the prompt order per (seed, epoch): the
+  checkpoint's data position and RNG streams are all a resumed run needs to sample, score and train exactly as
+  the uninterrupted run did.
+- Engines: every rank owns an `hf` engine and samples its share of the prompts; SGLang engines belong to every
+  `rl.rollout.tp`-th rank. The samples are gathered so every rank holds the whole step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from glm45_train.config.recipe import Recipe
+from glm45_train.config.rl import updates_per_step
+from glm45_train.rl import steps
+from glm45_train.rl.grpo import GrpoLoss
+from glm45_train.rl.setup import RLRun, build_rl_run
+from glm45_train.rl.train_step import logprob_pass, update
+from glm45_train.train import checkpoint
+from glm45_train.train.batches import DataPosition
+from glm45_train.train.metrics import MetricsLog, plot_metrics
+
+
+@dataclass
+class RLResult:
+    steps: int
+    final_reward: float | None
+    stopped_by_signal: bool
+    run_dir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_rl(recipe: Recipe) -> RLResult:
+    run = build_rl_run(recipe)
+    run_dir = Path(recipe.checkpoint.dir)
+    step, position = 0, DataPosition()
+    resume_from = checkpoint.latest_step(run_dir)
+    if resume_from is not None:
+        step, position = checkpoint.load(run.trainer, run_dir, resume_from)
+    is_first = dist.get_rank() == 0
+    total = recipe.train.steps or 0
+    metrics = MetricsLog(run_dir, total, step, is_first, recipe.logging.tensorboard, desc="rl", show="reward")
+    signals = checkpoint.StopSignals()
+    history: list[dict[str, Any]] = []
+    stopped = False
+    try:
+        while step < total:
+            record, position = rl_step(run, step, position)
+            step += 1
+            record = {"step": step, "epoch": position.epoch, **record}
+            history.append(record)
+            if step % recipe.logging.interval == 0 or step == total:
+                metrics.log(record)
+            metrics.advance()
+            stopped = signals.any_rank_received()
+            if stopped or step % recipe.checkpoint.interval == 0 or step == total:
+                checkpoint.save(run.trainer, run_dir, step, position)
+            if stopped:
+                break
+    finally:
+        signals.restore()
+        metrics.close()
+        run.engine.shutdown()
+    if is_first and recipe.logging.plot and metrics.path.exists():
+        plot_metrics(metrics.path, run_dir / "rl.png", ("reward", "response_length", "kl", "entropy"))
+    final = history[-1]["reward"] if history else None
+    return RLResult(step, final, stopped, run_dir, history)
+
+
+def rl_step(run: RLRun, step: int, position: DataPosition) -> tuple[dict[str, Any], DataPosition]:
+    """One GRPO step from `position` in the prompt order; returns its metrics and the position after it."""
+    recipe, trainer = run.recipe, run.trainer
+    started = time.perf_counter()
+    run.engine.wake()
+    sync = run.sync_weights()
+    synced = time.perf_counter()
+    prompts, position = run.prompts.next_prompts(position)
+    samples = steps.rollout(run, step, prompts)
+    rolled = time.perf_counter()
+    samples, reward_metrics = steps.score(run, prompts, samples)
+    run.engine.sleep()
+    scored = time.perf_counter()
+    batches = steps.global_batches(run, samples)
+    temperature = recipe.rl.rollout.temperature
+    for micro in batches:  # logp_old for every update of the step before the first one
+        logprob_pass(trainer, micro, temperature)
+        if run.reference is not None:
+            logprob_pass(trainer, micro, temperature, reference=run.reference)
+    grpo = recipe.rl.grpo
+    loss = GrpoLoss(grpo.clip_low, grpo.clip_high, grpo.kl_coeff, grpo.policy_loss, temperature)
+    updates = [update(trainer, micro, loss) for micro in batches]
+    trained = time.perf_counter()
+    assert len(updates) == updates_per_step(recipe)
+    record = {
+        **reward_metrics,
+        **steps.sample_metrics(samples, batches),
+        **steps.update_metrics(updates),
+        **steps.time_metrics(started, synced, rolled, scored, trained, samples, updates),
+        **sync.metrics(),
+    }
+    return record, position

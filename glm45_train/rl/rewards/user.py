@@ -1,0 +1,36 @@
+"""User rewards: `"package.module:function"` named in the recipe, imported with importlib.
+
+The module is imported as Python imports anything (it must be on `sys.path`: installed, or in the directory the
+run starts from). Every way this can go wrong — no such module, an error while importing it, no such attribute,
+not callable — is a `UserError` naming the recipe key and the spec.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from glm45_train.errors import UserError
+from glm45_train.rl.rewards.base import RewardFn
+
+
+def load_user_reward(spec: str, where: str) -> RewardFn:
+    """The callable `spec` ("module:function", dotted attribute paths allowed) names."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise UserError(f"{where}: reward {spec!r} is neither a built-in nor 'package.module:function'")
+    try:
+        target: object = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+            raise UserError(f"{where}: reward {spec!r}: no module {exc.name!r} on sys.path") from exc
+        raise UserError(f"{where}: reward {spec!r}: importing {module_name!r} failed: {exc}") from exc
+    except Exception as exc:  # anything the user's module raises at import
+        raise UserError(f"{where}: reward {spec!r}: importing {module_name!r} failed: {exc!r}") from exc
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise UserError(f"{where}: reward {spec!r}: {module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        kind = type(target).__name__
+        raise UserError(f"{where}: reward {spec!r}: {attribute!r} is a {kind}, not a function")
+    return target

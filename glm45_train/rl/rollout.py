@@ -1,0 +1,67 @@
+"""What a rollout engine is: given prompt token ids, sample responses and their log-probs; take new weights.
+
+Notable:
+- Token ids in, token ids out: prompts are rendered once (rl/prompts.py, the data renderer) and the ids the
+  engine sampled are the ids trained on; nothing is re-tokenised between rollout and training.
+- `logprobs[i]` is log p(response_ids[i] | prefix) under the distribution sampled from: logits / temperature,
+  before top-p filtering (what SGLang and vLLM report). The trainer computes the same quantity from the Megatron
+  model; the two agree at fp32 rounding on CPU (tests/test_rl_engine.py) and their gap is logged every step.
+- The stop token that ended a response is part of it (the policy learns to stop); `finished` is False when
+  the response ran into max_new_tokens.
+- Every request carries its own seed: a response depends on (weights, prompt, seed) only, not on which rank or
+  batch it was sampled in, so a resumed run samples exactly what the uninterrupted run sampled.
+- Weights arrive as HF-named full tensors (rl/weight_sync.py, through the converters' mapping table), the
+  names `export --to-hf` writes: engines load them as they would load an exported checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    stop_token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: tuple[int, ...]
+    samples: int  # responses wanted for this prompt (the group size)
+    seed: int  # the first response's seed; response j uses seed + j
+
+
+@dataclass(frozen=True)
+class Completion:
+    response_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]  # one per response token, at the sampling temperature
+    finished: bool  # ended on a stop token (included in response_ids)
+
+
+class RolloutEngine(Protocol):
+    """An inference engine that samples with the current policy's weights."""
+
+    def update_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the weights with these HF-named full tensors (every tensor of the model, once)."""
+        ...
+
+    def generate(self, requests: list[Request], params: SamplingParams) -> list[list[Completion]]:
+        """`request.samples` completions per request, in request order."""
+        ...
+
+    def sleep(self) -> None:
+        """Give back accelerator memory while the trainer runs (colocated engines); no-op elsewhere."""
+        ...
+
+    def wake(self) -> None:
+        """Take the memory again before the next weight update and rollout."""
+        ...
+
+    def shutdown(self) -> None: ...

@@ -1,0 +1,258 @@
+"""From an RL recipe to a ready run: the weight-sync layout, the trainer (train/setup.py), the prompt set, the
+rewards, the reference model and the rollout engine.
+
+Notable:
+- Order matters once: the sync layout (which checkpoint-key regions make up each full tensor) is computed at
+  TP = PP = EP = 1 before the trainer's layout exists (rl/weight_sync.py); then `build_trainer` as for `sft`.
+- Prompts are rendered once with the generation prompt (thinking on or off as `rl.rollout.thinking` says);
+  prompts that leave no room for `max_new_tokens` within `data.max_length` are dropped and reported by line,
+  like every other unusable record (`prompts_report.json` in the run directory).
+- The reference for the KL term: none at kl_coeff 0; the same model with adapters disabled for LoRA; for full
+  training a frozen second copy of the base weights, built and loaded like the policy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from glm45_train.config.layout import ParallelLayout
+from glm45_train.config.recipe import Recipe, validate_layout
+from glm45_train.config.rl import check_rl_values, updates_per_step
+from glm45_train.data.conversation import DataError, Reason
+from glm45_train.errors import UserError
+from glm45_train.rl.prompts import PromptRecord, PromptSet, load_prompts, render_prompts
+from glm45_train.rl.rewards import RewardSet, RewardSpec
+from glm45_train.rl.rollout import RolloutEngine, SamplingParams
+from glm45_train.train.batches import DataPosition
+from glm45_train.train.setup import DTYPES, Trainer, build_trainer, model_config_of, world_size_from_env
+
+
+@dataclass(frozen=True)
+class Prompt:
+    index: int  # in the prompt set
+    record: PromptRecord
+    ids: tuple[int, ...]
+
+
+class PromptPlan:
+    """The prompts in a seeded order per epoch; each step takes the next `per_step` of them."""
+
+    def __init__(self, prompts: list[Prompt], seed: int, per_step: int) -> None:
+        if len(prompts) < per_step:
+            raise UserError(f"{len(prompts)} usable prompts are fewer than rl.prompts_per_step = {per_step}")
+        self.prompts, self.seed, self.per_step = prompts, seed, per_step
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts))
+
+    def next_prompts(self, position: DataPosition) -> tuple[list[Prompt], DataPosition]:
+        if position.consumed_rows + self.per_step > len(self.prompts):
+            position = DataPosition(position.epoch + 1, 0)
+        start = position.consumed_rows
+        chosen = self.order(position.epoch)[start : start + self.per_step]
+        return [self.prompts[int(i)] for i in chosen], DataPosition(position.epoch, start + self.per_step)
+
+
+class NullEngine:
+    """What ranks without an engine hold (SGLang engines span rl.rollout.tp ranks): takes part in nothing."""
+
+    def update_weights(self, tensors: Any) -> None:
+        for _ in tensors:  # the gather is collective: every rank consumes it
+            pass
+
+    def generate(self, requests: list, params: SamplingParams) -> list:
+        return []
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+@dataclass
+class RLRun:
+    recipe: Recipe
+    trainer: Trainer
+    engine: RolloutEngine
+    engine_owners: list[int]  # ranks that own an engine, in order
+    prompts: PromptPlan
+    rewards: RewardSet
+    tokenizer: Any  # tokenizers.Tokenizer
+    params: SamplingParams
+    pad_id: int
+    reference: Any  # None | "adapters" | a frozen model holder with `.model`
+    sync: Any  # rl/weight_sync.py's layout
+
+    def sync_weights(self) -> Any:
+        """The policy's weights into the engine (a collective: every rank, every step); the sync's summary."""
+        from glm45_train.rl.weight_sync import SyncSummary, hf_weights
+
+        summary = SyncSummary()
+        self.engine.update_weights(hf_weights(self.sync, self.trainer.module, dtype=self.engine_dtype, summary=summary))
+        return summary
+
+    @property
+    def engine_dtype(self) -> torch.dtype:
+        return DTYPES[self.recipe.model.dtype]
+
+
+def build_rl_run(recipe: Recipe) -> RLRun:
+    from glm45_train.model.tokenizer import stop_token_ids
+    from glm45_train.rl.weight_sync import SyncLayout
+    from glm45_train.runtime import distributed
+    from glm45_train.train.inputs import tokenizer_dir_for
+    from glm45_train.train.run_dir import write_run_metadata
+
+    check_rl_values(recipe)
+    rewards = reward_set(recipe)  # before anything is built: a bad reward fails in seconds
+    hf = model_config_of(recipe.model.source)
+    validate_layout(recipe, world_size_from_env(), hf)
+    distributed.initialize(ParallelLayout(), seed=recipe.train.seed)
+    sync = SyncLayout.build(hf, with_mtp=False)
+    trainer = build_trainer(recipe, lambda _dp: (recipe.train.steps or 0) * updates_per_step(recipe))
+    run_dir = Path(recipe.checkpoint.dir)
+    if dist.get_rank() == 0:
+        write_run_metadata(recipe, run_dir)
+    tokenizer_dir = tokenizer_dir_for(recipe)
+    from glm45_train.data.chat import load_chat_tokenizer
+
+    tokenizer = load_chat_tokenizer(tokenizer_dir)
+    prompts = _prompts(recipe, tokenizer, run_dir)
+    rollout = recipe.rl.rollout
+    params = SamplingParams(
+        rollout.temperature, rollout.top_p, rollout.max_new_tokens, tuple(stop_token_ids(tokenizer_dir))
+    )
+    engine, owners = make_engine(recipe)
+    dist.barrier()
+    return RLRun(
+        recipe=recipe,
+        trainer=trainer,
+        engine=engine,
+        engine_owners=owners,
+        prompts=PromptPlan(prompts, recipe.train.seed, recipe.rl.prompts_per_step),
+        rewards=rewards,
+        tokenizer=tokenizer,
+        params=params,
+        pad_id=_pad_id(tokenizer),
+        reference=reference_for(recipe, trainer),
+        sync=sync,
+    )
+
+
+def _pad_id(tokenizer: Any) -> int:
+    """`<|endoftext|>`, as data prepare pads (the padding is never trained)."""
+    from glm45_train.model.tokenizer import PAD_TOKEN
+
+    found = tokenizer.token_to_id(PAD_TOKEN)
+    if found is None:
+        raise UserError(f"the tokenizer has no {PAD_TOKEN} token (not a GLM-4.5 tokenizer?)")
+    return int(found)
+
+
+def reward_set(recipe: Recipe) -> RewardSet:
+    specs = [RewardSpec.from_dict(_plain(entry), f"rl.rewards[{i}]") for i, entry in enumerate(recipe.rl.rewards)]
+    return RewardSet(specs, max_failure_fraction=recipe.rl.max_reward_failure_fraction)
+
+
+def _plain(entry: Any) -> Any:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else entry
+
+
+def _prompts(recipe: Recipe, tokenizer: Any, run_dir: Path) -> list[Prompt]:
+    rl = recipe.rl
+    found: PromptSet = load_prompts(recipe.data.inputs, on_error=rl.on_error, answer_field=rl.answer_field)  # type: ignore[arg-type]
+    ids = render_prompts(found.records, tokenizer, thinking=rl.rollout.thinking)
+    room = recipe.data.max_length - rl.rollout.max_new_tokens
+    prompts = []
+    for index, (record, prompt_ids) in enumerate(zip(found.records, ids, strict=True)):
+        if len(prompt_ids) > room:
+            detail = f"{len(prompt_ids)} prompt tokens leave no room for {rl.rollout.max_new_tokens} new ones"
+            error = DataError(
+                Reason.OVERLONG, f"{detail} within data.max_length {recipe.data.max_length}", record.origin
+            )
+            if rl.on_error == "fail":
+                raise error
+            found.report.note(error)
+            continue
+        prompts.append(Prompt(index, record, tuple(prompt_ids)))
+    found.report.prompts_kept = len(prompts)
+    if dist.get_rank() == 0:
+        report = found.report.to_json()
+        (run_dir / "prompts_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        dropped = report["records"]["dropped"]
+        print(
+            f"prompts: {len(prompts)} usable of {found.report.records_read} "
+            f"({dropped} dropped, see {run_dir / 'prompts_report.json'})"
+        )
+    return prompts
+
+
+def make_engine(recipe: Recipe) -> tuple[RolloutEngine, list[int]]:
+    """This rank's engine (or a NullEngine) and the ranks that own one."""
+    rollout, world, rank = recipe.rl.rollout, dist.get_world_size(), dist.get_rank()
+    kind = rollout.engine
+    if kind == "auto":
+        kind = "sglang" if torch.cuda.is_available() and importlib.util.find_spec("sglang") else "hf"
+    from glm45_train.rl.engines.hf import model_assets_dir
+
+    assets = model_assets_dir(recipe.model.source)
+    if kind == "hf":
+        from glm45_train.rl.engines.hf import HFEngine
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return HFEngine(assets, dtype=DTYPES[recipe.model.dtype], device=device), list(range(world))
+    if not torch.cuda.is_available():
+        raise UserError("key 'rl.rollout.engine': sglang needs GPUs; `hf` runs everywhere")
+    owners = list(range(0, world, rollout.tp))
+    if rank not in owners:
+        return NullEngine(), owners
+    from glm45_train.rl.engines.sglang import SGLangEngine
+
+    return SGLangEngine(assets, rollout, seed=recipe.train.seed, run_dir=Path(recipe.checkpoint.dir)), owners
+
+
+def reference_for(recipe: Recipe, trainer: Trainer) -> Any:
+    if recipe.rl.grpo.kl_coeff == 0:
+        return None
+    if recipe.lora.enabled:
+        return "adapters"
+    return FrozenReference.build(recipe, trainer)
+
+
+@dataclass
+class FrozenReference:
+    """The base weights once more, frozen, at the trainer's layout (full training with a KL term)."""
+
+    model: Any
+
+    @classmethod
+    def build(cls, recipe: Recipe, trainer: Trainer) -> FrozenReference:
+        from megatron.core import parallel_state
+
+        from glm45_train.model.build import build_model
+        from glm45_train.train.setup import load_base_weights, transformer_config
+
+        model = build_model(  # a fresh config: the trainer's now holds its DDP's hooks
+            trainer.hf,
+            transformer_config(recipe, trainer.hf),
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+        )
+        load_base_weights(model, recipe.model.source)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        return cls(model.eval())

@@ -1,0 +1,139 @@
+"""The policy side of a GRPO step on Megatron-Core's schedules: log-prob passes and updates, at any layout.
+
+Notable:
+- The same machinery as `sft` (train/loop.py): `get_forward_backward_func()` over this rank's micro-batches,
+  `calculate_per_token_loss` (token-mean over the global batch), Megatron's DDP, optimizer and scheduler
+  (`optimizer_step`). Only the forward step and the loss differ: the model returns logits (no labels), and the
+  loss function takes log-probs with the vocab-parallel cross entropy (rl/grpo.py).
+- `logprob_pass` is forward-only; it fills each micro-batch's `old_logp` (the policy now) or, with
+  `reference=True`, `ref_logp`: for LoRA the same model with its adapters disabled (no second copy of the
+  weights), for full training the frozen reference model given. Log-probs exist on the last pipeline stage
+  only, which is the only stage whose loss needs them.
+- On GPUs rows are laid end to end (THD) exactly as for `sft` (train/loop.py `as_thd`); the per-token tensors
+  are flattened alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from glm45_train.rl.batches import MicroBatch
+from glm45_train.rl.grpo import STATS, GrpoLoss, policy_loss, token_logprobs, vocab_parallel_entropy
+from glm45_train.train.loop import as_thd, optimizer_step
+from glm45_train.train.setup import Trainer
+
+_on_gpu = torch.cuda.is_available
+
+
+def _inputs(micro: MicroBatch) -> tuple[Any, Any, dict[str, torch.Tensor | None]]:
+    extras = {"advantages": micro.advantages, "old_logp": micro.old_logp, "ref_logp": micro.ref_logp}
+    if not _on_gpu():
+        return micro.batch, None, extras
+    batch, packed = as_thd(micro.batch)
+    flat = {k: (v.reshape(1, -1).cuda(non_blocking=True) if v is not None else None) for k, v in extras.items()}
+    return batch, packed, flat
+
+
+def _forward(micro: MicroBatch, model: Any) -> tuple[torch.Tensor, Any]:
+    batch, packed, extras = _inputs(micro)
+    logits = model(batch.tokens, batch.position_ids, batch.attention_mask, packed_seq_params=packed)
+    return logits, (batch, extras)
+
+
+def _logp_step(temperature: float, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
+    micro: MicroBatch = next(data_iterator)
+    logits, (batch, _extras) = _forward(micro, model)
+
+    def loss_func(output: torch.Tensor):
+        logp = token_logprobs(output, batch.labels, temperature)
+        count = batch.loss_mask.sum().to(torch.int)
+        return logp.new_zeros(()), count, {"logp": logp.detach().reshape(micro.batch.labels.shape).cpu()}
+
+    return logits, loss_func
+
+
+def _grpo_step(loss: GrpoLoss, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
+    micro: MicroBatch = next(data_iterator)
+    logits, (batch, extras) = _forward(micro, model)
+
+    def loss_func(output: torch.Tensor):
+        mask = batch.loss_mask
+        logp = token_logprobs(output, batch.labels, loss.temperature)
+        old = extras["old_logp"]
+        assert old is not None, "logprob_pass must fill old_logp before an update"
+        total, sums = policy_loss(loss, logp, old, extras["ref_logp"], extras["advantages"], mask)
+        entropy = (vocab_parallel_entropy(output, loss.temperature) * mask).sum()
+        count = mask.sum()
+        stats = {"loss": total.detach(), **sums, "entropy": entropy, "tokens": count}
+        return total, count.to(torch.int), {"grpo": torch.stack([stats[k].float().cpu() for k in STATS])}
+
+    return logits, loss_func
+
+
+def _schedule(trainer: Trainer, step_func: Any, micro: list[MicroBatch], forward_only: bool) -> list[dict]:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    rows, length = micro[0].batch.tokens.shape
+    if _on_gpu():  # THD: what stages exchange is 1 x b*s
+        rows, length = 1, rows * length
+    return get_forward_backward_func()(
+        forward_step_func=step_func,
+        data_iterator=iter(micro),
+        model=[trainer.model],
+        num_microbatches=len(micro),
+        seq_length=length,
+        micro_batch_size=rows,
+        forward_only=forward_only,
+    )
+
+
+@torch.no_grad()
+def logprob_pass(trainer: Trainer, micro: list[MicroBatch], temperature: float, reference: Any = None) -> None:
+    """Fill `old_logp` (policy) or, with `reference` (a model, or "adapters"), `ref_logp` of every micro-batch."""
+    from glm45_train.lora import adapters_disabled
+
+    owner = trainer
+    disable: Any = contextlib.nullcontext()
+    if reference == "adapters":
+        disable = adapters_disabled(trainer.module)
+    elif reference is not None:
+        owner = reference
+    trainer.model.eval()
+    try:
+        with disable:
+            records = _schedule(owner, functools.partial(_logp_step, temperature), micro, forward_only=True)
+    finally:
+        trainer.model.train()
+    logps: list[torch.Tensor | None] = [r["logp"] for r in records] if records else [None] * len(micro)
+    for batch, logp in zip(micro, logps, strict=True):  # None: not the last pipeline stage
+        if reference is None:
+            batch.old_logp = logp if logp is not None else torch.zeros_like(batch.advantages)
+        else:
+            batch.ref_logp = logp if logp is not None else torch.zeros_like(batch.advantages)
+
+
+def update(trainer: Trainer, micro: list[MicroBatch], loss: GrpoLoss) -> dict[str, float]:
+    """One optimizer update on one global batch; the stats summed over every rank, then lr and grad norm."""
+    from megatron.core import parallel_state
+
+    started = time.perf_counter()
+    trainer.model.zero_grad_buffer()
+    trainer.optimizer.zero_grad()
+    records = _schedule(trainer, functools.partial(_grpo_step, loss), micro, forward_only=False)
+    totals = torch.zeros(len(STATS))
+    for record in records:  # only the last pipeline stage has them
+        totals += record["grpo"]
+    if _on_gpu():
+        totals = totals.cuda()
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    lr, grad_norm = optimizer_step(trainer)
+    sums = dict(zip(STATS, totals.cpu().tolist(), strict=True))
+    return {**sums, "lr": lr, "grad_norm": grad_norm, "seconds": time.perf_counter() - started}
