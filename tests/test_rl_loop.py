@@ -120,3 +120,12 @@ def test_bad_reward_fails_before_any_process_starts(tiny_air, tmp_path, capsys):
     code = main(["rl", RECIPE, f"model.source={tiny_air}", f"checkpoint.dir={tmp_path}", "train.global_batch_size=5"])
     assert code == 2 and "train.global_batch_size" in capsys.readouterr().err
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_rehearse_runs_the_rl_layout_with_pipeline_stages():
+    """`rl --rehearse` at PP 2 x EP 2 (4 processes): rollouts, the last stage's log-probs, updates, a checkpoint."""
+    from glm45_train.launch.rehearse import rehearse
+
+    result = rehearse(RECIPE, ["parallel.pp=2"], echo=lambda *_: None)
+    assert result.passed, result.report()
+    assert len(result.losses) == 2 and result.checkpoint and result.checkpoint.startswith("iter_0000002")

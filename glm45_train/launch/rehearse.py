@@ -5,9 +5,11 @@ Kept as written: parallel (tp/pp/ep/etp/cp/sp), lora, train.recompute and every 
 override. Scaled down:
 - the model, of the recipe's family (read from model.source when it is on this machine, else the released
   config chosen by the source's name): hidden 64, query groups a multiple of tp, experts of ep (and of n_group),
-  layers of pp with first_k_dense_replace kept, MTP only when the recipe trains it; written by `make_tiny`, and
-  converted to torch_dist when the recipe's source is one (so loading reshards as it will on the cluster);
-- the data: the sample set rendered in the recipe's mode and packing, rows of at most 256 tokens;
+  first_k_dense_replace + 1 layers per pipeline stage (a MoE layer on every stage), MTP only when the recipe
+  trains it; written by `make_tiny`, and converted to torch_dist when the recipe's source is one (so loading
+  reshards as it will on the cluster);
+- the data: the sample set rendered in the recipe's mode and packing, rows of at most 256 tokens (RL: the sample
+  prompts, groups of 2, 16 new tokens, the CPU engine);
 - the run: fp32, 2 steps, global batch = micro batch x dp x pp micro-batches (the pipeline schedule interleaves),
   an eval and a checkpoint at step 2, on the fewest processes the layout allows: lcm(tp*pp*cp, ep*etp*pp).
 The recipe runs through the ordinary `sft` command under torchrun (the recipe file + the user's overrides +
@@ -146,7 +148,9 @@ def scaled_config(base: Glm45Config, recipe: Recipe) -> dict[str, Any]:
     step = math.lcm(p.ep, groups)
     experts = step * math.ceil(max(8, 2 * per_token, 2 * groups) / step)
     first_dense = base.first_k_dense_replace
-    layers = p.pp * math.ceil(max(first_dense + 1, 2) / p.pp)  # at least one MoE layer, whole stages
+    # every stage holds a MoE layer, as the released models do: a stage without experts leaves the distributed
+    # optimizer an empty expert shard, which megatron-core 0.16.1 cannot checkpoint (distrib_optimizer.state_dict)
+    layers = p.pp * (first_dense + 1)
     return {
         **TINY_SIZES,
         "num_hidden_layers": layers,

@@ -113,9 +113,9 @@ def logprob_pass(trainer: Trainer, micro: list[MicroBatch], temperature: float, 
     logps: list[torch.Tensor | None] = [r["logp"] for r in records] if records else [None] * len(micro)
     for batch, logp in zip(micro, logps, strict=True):  # None: not the last pipeline stage
         if reference is None:
-            batch.old_logp = logp if logp is not None else torch.zeros_like(batch.advantages)
+            batch.old_logp = logp
         else:
-            batch.ref_logp = logp if logp is not None else torch.zeros_like(batch.advantages)
+            batch.ref_logp = logp
 
 
 def update(trainer: Trainer, micro: list[MicroBatch], loss: GrpoLoss) -> dict[str, float]:

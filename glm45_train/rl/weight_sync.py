@@ -11,13 +11,14 @@ Notable:
   and `SyncLayout` holds which key regions make up each full TP=1 mcore tensor (reader.py's `model_tensor_pieces`,
   asked of a meta model at TP=PP=EP=1 -- hence built before the training layout is initialised). Names then go
   through the converters' table (`Glm45Mapping.to_hf`): the names and values `export --to-hf` writes.
-- Gather: per region, a zeros buffer into which each rank copies its main-replica chunks (replica_id all zeros),
-  then an all_reduce(SUM) over the world. Exactly one rank writes each byte and every other rank contributes
+- Gather: per bucket of consecutive tensors (BUCKET_BYTES, one collective each: the tiny model's 91 tensors in
+  one), a zeros buffer into which each rank copies its main-replica chunks of every region (replica_id all
+  zeros), then an all_reduce(SUM) over the world. Exactly one rank writes each byte and every other rank contributes
   zeros, so the buffer is summed as int32 words: a sum of integers without common set bits is their OR --
   bit-exact whatever the dtype (-0.0 and NaN payloads kept), on gloo and NCCL alike.
-- Memory: one mcore tensor (plus one region buffer) at a time; every rank receives every tensor, one collective
-  per region. That is simple and right at every layout; for large GPU runs the optimisation is a bucketed
-  all-gather (or broadcasting only to the ranks that feed the engine).
+- Memory: one bucket (a larger tensor alone) at a time; every rank receives every tensor. That is simple and
+  right at every layout; an all-reduce moves twice an all-gather's bytes, and broadcasting only to the ranks that
+  feed an engine would move less again: the optimisations for large GPU runs.
 - LoRA is merged on the local shards before the gather: W_local + delta_local in fp32, cast back to the weight's
   dtype (as lora/hf_export.py's `export_merged` merges), so every TP/EP split is handled by the adapters' own
   sharding. The model's parameters are never written; merged weights live only while their tensor is built.
@@ -52,6 +53,7 @@ from glm45_train.model.hf_config import Glm45Config
 from glm45_train.model.hf_layout import EXPERT_BIAS_KEY
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)  # column len(DTYPES): any other dtype
+BUCKET_BYTES = 256 * 2**20  # tensors gathered per collective (memory: one bucket, plus the tensor being renamed)
 
 
 class WeightSyncError(RuntimeError):
@@ -173,14 +175,15 @@ def _stream(model: Any, layout: SyncLayout, summary: SyncSummary) -> Iterator[tu
     chunks = _local_chunks(model)
     dtypes = _check_keys(layout.keys(), chunks, device)
     merge = _LoraMerge(model)
-    for name in layout.pieces:
+    for bucket in _buckets(layout, dtypes):
         with torch.no_grad():
-            full = _full_tensor(name, layout, chunks, merge, dtypes, device)
+            tensors = _gather_bucket(bucket, layout, chunks, merge, dtypes, device)
         merge.release()
-        for hf_name, part in mapping.to_hf(name, full):
-            for produced in (hf_name, *(mapping.copies_of.get(hf_name, []) if layout.with_mtp else [])):
-                coverage.add(produced)
-                yield produced, part
+        for name in bucket:
+            for hf_name, part in mapping.to_hf(name, tensors.pop(name)):
+                for produced in (hf_name, *(mapping.copies_of.get(hf_name, []) if layout.with_mtp else [])):
+                    coverage.add(produced)
+                    yield produced, part
     coverage.finish()
 
 
@@ -274,37 +277,56 @@ def _key_dtype(key: str, counts: torch.Tensor, numel: int) -> torch.dtype:
 # -- one full tensor ---------------------------------------------------------------------------------------------
 
 
-def _full_tensor(
-    name: str,
+def _buckets(layout: SyncLayout, dtypes: dict[str, torch.dtype]) -> Iterator[list[str]]:
+    """Consecutive mcore tensors of about BUCKET_BYTES together (a larger tensor alone): one collective each."""
+    bucket: list[str] = []
+    size = 0
+    for name, parts in layout.pieces.items():
+        nbytes = math.prod(layout.shapes[name]) * dtypes[parts[0].key].itemsize
+        if bucket and size + nbytes > BUCKET_BYTES:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(name)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _gather_bucket(
+    names: list[str],
     layout: SyncLayout,
     chunks: dict[str, list[_Chunk]],
     merge: _LoraMerge,
     dtypes: dict[str, torch.dtype],
     device: torch.device,
-) -> torch.Tensor:
-    """The full TP=1 mcore tensor `name`, each of its regions gathered over the world."""
-    parts = layout.pieces[name]
-    full = torch.empty(layout.shapes[name], dtype=dtypes[parts[0].key], device=device)
-    for piece in parts:
-        region = _gather_region(piece, chunks.get(piece.key, []), merge, dtypes[piece.key], device)
-        full.as_strided(piece.size, piece.stride, piece.offset).copy_(region.view(piece.size))
+) -> dict[str, torch.Tensor]:
+    """The full TP=1 mcore tensors `names`, every region of every one of them gathered in one all_reduce."""
+    regions = [(name, piece) for name in names for piece in layout.pieces[name]]
+    words_of = [(math.prod(piece.chunk_shape) * dtypes[piece.key].itemsize + 3) // 4 for _, piece in regions]
+    words = torch.zeros(sum(words_of), dtype=torch.int32, device=device)  # each region padded to whole words
+    buffers, start = [], 0
+    for (_, piece), count in zip(regions, words_of, strict=True):
+        nbytes = math.prod(piece.chunk_shape) * dtypes[piece.key].itemsize
+        buffer = words[start : start + count].view(torch.uint8)[:nbytes].view(dtypes[piece.key])
+        buffers.append(buffer.view(piece.chunk_shape))
+        _fill_region(piece, chunks.get(piece.key, []), merge, buffers[-1])
+        start += count
+    if dist.get_world_size() > 1:
+        dist.all_reduce(words)  # an OR of the ranks' bytes: see the module docstring
+    full = {name: torch.empty(layout.shapes[name], dtype=dtypes[layout.pieces[name][0].key], device=device)
+            for name in names}  # fmt: skip
+    for (name, piece), buffer in zip(regions, buffers, strict=True):
+        full[name].as_strided(piece.size, piece.stride, piece.offset).copy_(buffer.view(piece.size))
     return full
 
 
-def _gather_region(
-    piece: Piece, chunks: list[_Chunk], merge: _LoraMerge, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    nbytes = math.prod(piece.chunk_shape) * dtype.itemsize
-    words = torch.zeros((nbytes + 3) // 4, dtype=torch.int32, device=device)  # padded to whole int32 words
-    buffer = words.view(torch.uint8)[:nbytes].view(dtype).view(piece.chunk_shape)
+def _fill_region(piece: Piece, chunks: list[_Chunk], merge: _LoraMerge, buffer: torch.Tensor) -> None:
+    """This rank's main-replica bytes of the region; zeros elsewhere."""
     for chunk in chunks:
         overlap = _overlap(piece.global_offset, piece.chunk_shape, chunk.offset, chunk.shape)
         if overlap is not None:
             data = merge.view(chunk.view)[(None,) * chunk.prepend_axes]
             buffer[overlap[0]] = data[overlap[1]]
-    if dist.get_world_size() > 1:
-        dist.all_reduce(words)  # an OR of the ranks' bytes: see the module docstring
-    return buffer
 
 
 def _overlap(

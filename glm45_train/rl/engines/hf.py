@@ -6,9 +6,10 @@ Notable:
   transformers >= 5 fuses each MoE layer's experts (`mlp.experts.gate_up_proj` [E, 2I, H], `down_proj`
   [E, H, I]); the per-expert HF tensors are stacked into them as they arrive, and an update that leaves a
   parameter unset, or names one the model lacks, is refused by name.
-- Sampling, one request (a prompt and its group) at a time: the prompt is run once and its KV cache copied
-  to every response of the group (GRPO's G responses share the prompt: G - 1 prefills saved), then one token
-  per step for every unfinished response; finished responses leave the batch (their cache rows dropped).
+- Sampling, up to MAX_ROWS responses together: the batch's prompts run once, left-padded (attention mask and
+  position ids say where each starts), and each prompt's KV cache is copied to every response of its group
+  (GRPO's G responses share a prompt: G - 1 prefills saved); then one token per step for every unfinished
+  response; finished responses leave the batch (their cache rows dropped).
 - Each response has its own seeded `torch.Generator`; log-probs are log_softmax(logits / temperature) of the
   sampled token in fp32, before top-p (what the trainer recomputes); top-p keeps the smallest set of tokens
   whose probability reaches p (the most likely token always).
@@ -26,6 +27,7 @@ import torch
 from glm45_train.errors import UserError
 from glm45_train.rl.rollout import Completion, Request, SamplingParams
 
+MAX_ROWS = 64  # responses sampled together (a batch of prompts, left-padded)
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
@@ -113,38 +115,72 @@ class HFEngine:
     def generate(self, requests: list[Request], params: SamplingParams) -> list[list[Completion]]:
         if not self.loaded:
             raise RuntimeError("HFEngine.generate before update_weights: the engine has no weights yet")
-        return [self._group(request, params) for request in requests]
+        out: list[list[Completion]] = []
+        for start in range(0, len(requests), self.max_rows_of(requests)):
+            out.extend(self._batch(requests[start : start + self.max_rows_of(requests)], params))
+        return out
 
-    def _group(self, request: Request, params: SamplingParams) -> list[Completion]:
-        prompt = torch.tensor([request.prompt_ids], device=self.device)
-        out = self.model(input_ids=prompt, use_cache=True)
-        cache = out.cache
-        cache.batch_repeat_interleave(request.samples)
-        logits = out.logits[:, -1].float().expand(request.samples, -1)
-        generators = [_generator(request.seed + j) for j in range(request.samples)]
-        ids: list[list[int]] = [[] for _ in range(request.samples)]
-        logprobs: list[list[float]] = [[] for _ in range(request.samples)]
-        finished = [False] * request.samples
-        active = list(range(request.samples))
-        stop = set(params.stop_token_ids)
-        for position in range(params.max_new_tokens):
+    def max_rows_of(self, requests: list[Request]) -> int:
+        """Requests per batch: MAX_ROWS responses at most (one request at least)."""
+        return max(1, MAX_ROWS // max(r.samples for r in requests))
+
+    def _prefill(self, requests: list[Request]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+        """Every prompt once (left-padded), its cache copied to each response: (logits, cache, mask, next positions)."""
+        longest = max(len(r.prompt_ids) for r in requests)
+        ids = torch.zeros(len(requests), longest, dtype=torch.long)
+        mask = torch.zeros(len(requests), longest, dtype=torch.long)
+        for row, request in enumerate(requests):
+            ids[row, longest - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
+            mask[row, longest - len(request.prompt_ids) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        rows = torch.tensor([row for row, r in enumerate(requests) for _ in range(r.samples)], device=self.device)
+        out.cache.batch_select_indices(rows)
+        return out.logits[rows, -1].float(), out.cache, mask[rows], positions[rows, -1] + 1
+
+    def _batch(self, requests: list[Request], params: SamplingParams) -> list[list[Completion]]:
+        logits, cache, mask, position = self._prefill(requests)
+        generators = [_generator(r.seed + j) for r in requests for j in range(r.samples)]
+        ids: list[list[int]] = [[] for _ in generators]
+        logprobs: list[list[float]] = [[] for _ in generators]
+        finished = [False] * len(generators)
+        active, stop = list(range(len(generators))), set(params.stop_token_ids)
+        for step in range(params.max_new_tokens):
             tokens, token_logprobs = sample(logits, params, [generators[j] for j in active])
             still = []
             for row, j in enumerate(active):
                 ids[j].append(int(tokens[row]))
                 logprobs[j].append(float(token_logprobs[row]))
-                if ids[j][-1] in stop:
-                    finished[j] = True
-                else:
+                finished[j] = ids[j][-1] in stop
+                if not finished[j]:
                     still.append(row)
-            if not still or position == params.max_new_tokens - 1:
+            if not still or step == params.max_new_tokens - 1:
                 break
-            if len(still) < len(active):
-                cache.batch_select_indices(torch.tensor(still, device=self.device))
+            if len(still) < len(active):  # finished responses leave the batch
+                keep = torch.tensor(still, device=self.device)
+                cache.batch_select_indices(keep)
+                mask, position, tokens = mask[keep], position[keep], tokens[keep]
             active = [active[row] for row in still]
-            step = tokens[still].view(-1, 1)
-            logits = self.model(input_ids=step, cache=cache, use_cache=True).logits[:, -1].float()
-        return [Completion(tuple(i), tuple(lp), f) for i, lp, f in zip(ids, logprobs, finished, strict=True)]
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            logits = (
+                self.model(
+                    input_ids=tokens.view(-1, 1),
+                    attention_mask=mask,
+                    position_ids=position.view(-1, 1),
+                    cache=cache,
+                    use_cache=True,
+                )
+                .logits[:, -1]
+                .float()
+            )
+            position = position + 1
+        completions = [Completion(tuple(i), tuple(lp), f) for i, lp, f in zip(ids, logprobs, finished, strict=True)]
+        out, start = [], 0
+        for request in requests:
+            out.append(completions[start : start + request.samples])
+            start += request.samples
+        return out
 
     def sleep(self) -> None:
         pass

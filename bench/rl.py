@@ -1,0 +1,179 @@
+"""RL throughput on CPU: the rollout engine against transformers' `generate`, and where an RL step's time goes.
+
+    .venv/bin/python bench/rl.py [--repeats 3] [--steps 12] [--update-docs]
+
+Notable:
+- Rollouts: the same tiny GLM-4.5-Air (make-tiny), the same rendered prompts, groups of G responses of exactly
+  max_new_tokens tokens (no stop tokens, so both sides generate the same number), sampling at temperature 1 with
+  the log-prob of every sampled token (what GRPO needs): `HFEngine.generate` vs `model.generate(...,
+  num_return_sequences=G, output_logits=True)` + the log-softmax of the chosen tokens, on the same model object.
+  Rates are the best of `--repeats` interleaved runs; the ratio is also given as the median per repeat.
+- Step split: `glm45-train rl recipes/tiny_grpo.yaml` on 2 processes (EP 2) for `--steps` steps; from its
+  metrics.jsonl (step 1 left out: warm-up), the share of step time in rollout, in training (log-prob passes and
+  updates) and outside both (weight sync, rewards, batching, gathering).
+- --update-docs rewrites the `## RL` section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "benchmarks.md"
+PROMPTS, GROUP, NEW_TOKENS = 8, 4, 64
+
+
+def load_engine(model_dir: Path):
+    from safetensors.torch import load_file
+
+    from glm45_train.rl.engines.hf import HFEngine
+
+    engine = HFEngine(model_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    engine.update_weights(tensors.items())
+    return engine
+
+
+def prompt_ids(model_dir: Path) -> list[tuple[int, ...]]:
+    from glm45_train.data.chat import load_chat_tokenizer
+    from glm45_train.rl.prompts import load_prompts, render_prompts
+
+    records = load_prompts([REPO / "data/rl_prompts_sample.jsonl"]).records[:PROMPTS]
+    return [tuple(ids) for ids in render_prompts(records, load_chat_tokenizer(model_dir), thinking=False)]
+
+
+def time_engine(engine, prompts) -> tuple[float, int]:
+    from glm45_train.rl.rollout import Request, SamplingParams
+
+    params = SamplingParams(1.0, 1.0, NEW_TOKENS, ())
+    started = time.perf_counter()
+    out = engine.generate([Request(p, GROUP, seed=i) for i, p in enumerate(prompts)], params)
+    return time.perf_counter() - started, sum(len(c.response_ids) for group in out for c in group)
+
+
+@torch.no_grad()
+def time_generate(model, prompts) -> tuple[float, int]:
+    started, tokens = time.perf_counter(), 0
+    for i, prompt in enumerate(prompts):
+        torch.manual_seed(i)
+        ids = torch.tensor([prompt])
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+            max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_return_sequences=GROUP,
+            output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None,
+        )  # fmt: skip
+        chosen = out.sequences[:, ids.shape[1] :]
+        logits = torch.stack(out.logits, dim=1).float()
+        torch.log_softmax(logits, -1).gather(-1, chosen[..., None])
+        tokens += chosen.numel()
+    return time.perf_counter() - started, tokens
+
+
+def step_split(model_dir: Path, steps: int, scratch: Path) -> dict[str, float]:
+    run_dir = scratch / "rl"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+        "glm45_train.cli.main", "rl", str(REPO / "recipes/tiny_grpo.yaml"), f"model.source={model_dir}",
+        f"checkpoint.dir={run_dir}", f"train.steps={steps}", f"checkpoint.interval={steps}", "logging.plot=false",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    subprocess.run(command, check=True, env=env, capture_output=True)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+
+    def total(key: str) -> float:
+        return sum(r[key] for r in records)
+
+    step = total("step_seconds")
+    return {
+        "step_s": step / len(records),
+        "rollout": total("rollout_seconds") / step,
+        "train": total("train_seconds") / step,
+        "sync": total("sync_seconds") / step,
+        "reward": total("reward_seconds") / step,
+        "outside": 1 - (total("rollout_seconds") + total("train_seconds")) / step,
+        "rollout_tokens_per_s": statistics.median(r["rollout_tokens_per_s"] for r in records),
+    }
+
+
+def run(repeats: int, steps: int) -> str:
+    from glm45_train.model.tiny import make_tiny
+
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        model_dir = make_tiny(scratch / "tiny", preset="air")
+        engine, prompts = load_engine(model_dir), prompt_ids(model_dir)
+        time_engine(engine, prompts[:1]), time_generate(engine.model, prompts[:1])  # warm-up
+        ours, theirs = [], []
+        for _ in range(repeats):
+            ours.append(time_engine(engine, prompts))
+            theirs.append(time_generate(engine.model, prompts))
+        split = step_split(model_dir, steps, scratch)
+    return _section(ours, theirs, split, repeats, steps)
+
+
+def _section(ours, theirs, split, repeats: int, steps: int) -> str:
+    best_ours = max(tokens / seconds for seconds, tokens in ours)
+    best_theirs = max(tokens / seconds for seconds, tokens in theirs)
+    median = statistics.median((t[0] / o[0]) for o, t in zip(ours, theirs, strict=True))
+    header = (
+        f"`bench/rl.py --repeats {repeats} --steps {steps}` on {os.cpu_count()} CPU cores ({platform.machine()}), "
+        f"tiny GLM-4.5-Air (make-tiny), {PROMPTS} prompts x {GROUP} responses x {NEW_TOKENS} new tokens, fp32, "
+        f"sampling with log-probs; load average (1 min) {os.getloadavg()[0]:.1f}."
+    )
+    return "\n".join(
+        [
+            "## RL",
+            "",
+            header,
+            "",
+            "| rollout path | tokens/s (best) | × transformers generate (best / best) | (median per repeat) |",
+            "|---|---:|---:|---:|",
+            f"| transformers `generate` (num_return_sequences, output_logits) | {best_theirs:,.0f} | 1.00 | 1.00 |",
+            f"| `HFEngine.generate` (prefill once per group, KV cache copied, finished rows dropped) | "
+            f"{best_ours:,.0f} | {best_ours / best_theirs:.2f} | {median:.2f} |",
+            "",
+            f"One RL step of `recipes/tiny_grpo.yaml` (2 processes, EP 2; mean of steps 2-{steps}): "
+            f"{split['step_s']:.2f} s, of which rollout {split['rollout']:.0%}, training (log-prob passes and "
+            f"updates) {split['train']:.0%}, outside both {split['outside']:.0%} (weight sync {split['sync']:.0%}, "
+            f"rewards and gathering {split['reward']:.0%}); rollout {split['rollout_tokens_per_s']:,.0f} tokens/s.",
+            "Targets: the CPU engine ≥ transformers generate; outside rollout and training ≤ 10% of the step.",
+            "",
+        ]
+    )
+
+
+def update_docs(section: str) -> None:
+    text = DOCS.read_text(encoding="utf-8")
+    pattern = re.compile(r"^## RL\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    DOCS.write_text(text.rstrip() + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--update-docs", action="store_true")
+    args = parser.parse_args()
+    section = run(args.repeats, args.steps)
+    print(section)
+    if args.update_docs:
+        update_docs(section)
+
+
+if __name__ == "__main__":
+    main()
