@@ -161,6 +161,9 @@ def _section(header: str, samples: int, tokens: int, clocks: dict[str, list[Cloc
             f"{packing['rows']:,} rows (target ≥ 0.98); {unpacked:.4f} if every sample were padded to {PACK_LENGTH}.",
             "Targets: prepare ≥ 0.95 × the raw tokenizer per process, `--workers 2` ≥ 1.7 × `--workers 1` on two",
             "cores, ≥ 98% real tokens.",
+            "Per process, prepare can beat the raw tokenizer: the raw path encodes every text in one call (all the",
+            "Encoding objects alive at once), prepare 256-record chunks. Workers start in ~0.1 s: neither the CLI nor",
+            "workers.py imports torch (tests/test_prepare_workers.py guards it; importing it cost ~1.5 s a worker).",
             "",
         ]
     )

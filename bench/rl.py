@@ -143,7 +143,7 @@ def _section(ours, theirs, split, repeats: int, steps: int) -> str:
             "| rollout path | tokens/s (best) | × transformers generate (best / best) | (median per repeat) |",
             "|---|---:|---:|---:|",
             f"| transformers `generate` (num_return_sequences, output_logits) | {best_theirs:,.0f} | 1.00 | 1.00 |",
-            f"| `HFEngine.generate` (prefill once per group, KV cache copied, finished rows dropped) | "
+            f"| `HFEngine.generate` (prompts batched, one prefill per group, finished rows dropped) | "
             f"{best_ours:,.0f} | {best_ours / best_theirs:.2f} | {median:.2f} |",
             "",
             f"One RL step of `recipes/tiny_grpo.yaml` (2 processes, EP 2; mean of steps 2-{steps}): "

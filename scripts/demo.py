@@ -2,7 +2,8 @@
 
 make-tiny -> export --to-mcore (with the precision check against transformers) -> data prepare (the sample
 distillation set, thinking -> non-thinking, packed) -> LoRA SFT on 2 processes (expert parallel 2) -> export
---to-hf with the LoRA merged (precision-checked against the trained Megatron model) -> chat with thinking off.
+--to-hf with the LoRA merged (precision-checked against the trained Megatron model) -> GRPO on the merged model
+(2 processes) -> export the RL run -> chat with thinking off.
 Every step is a `glm45-train` command, printed before it runs.
 """
 
@@ -44,27 +45,38 @@ def run_distributed(nproc: int, *argv: str) -> None:
 def demo(work: Path) -> None:
     started = time.time()
     shutil.rmtree(work, ignore_errors=True)  # the demo owns its directory: every run starts clean
-    hf, mcore, data, run_dir, merged = (work / n for n in ("tiny-air-hf", "tiny-air-mcore", "data", "lora", "merged"))
-    step("1/6 make a tiny GLM-4.5-Air (released on-disk format, local tokenizer and chat template)")
+    names = ("tiny-air-hf", "tiny-air-mcore", "data", "lora", "merged", "grpo", "grpo-hf")
+    hf, mcore, data, run_dir, merged, rl_dir, rl_hf = (work / n for n in names)
+    step("1/8 make a tiny GLM-4.5-Air (released on-disk format, local tokenizer and chat template)")
     run("make-tiny", str(hf), "--preset", "air", "--overwrite")
-    step("2/6 convert HF -> Megatron-Core torch_dist, then check logits against transformers (fp32)")
+    step("2/8 convert HF -> Megatron-Core torch_dist, then check logits against transformers (fp32)")
     run("export", "--to-mcore", "--model", str(hf), "--output-dir", str(mcore), "--test-precision", "--overwrite")
-    step("3/6 render + tokenize + pack the sample distillation data (thinking -> non-thinking)")
+    step("3/8 render + tokenize + pack the sample distillation data (thinking -> non-thinking)")
     run(
         "data", "prepare", str(REPO / "data/sample_distill.jsonl"), "--tokenizer", str(hf), "--output-dir", str(data),
         "--max-length", "512", "--mode", "non-thinking", "--pack",
     )  # fmt: skip
-    step("4/6 LoRA SFT on 2 processes (expert parallel 2), from the converted checkpoint")
+    step("4/8 LoRA SFT on 2 processes (expert parallel 2), from the converted checkpoint")
     run_distributed(
         2, "sft", str(REPO / "recipes/tiny_lora.yaml"), f"model.source={mcore}", f"data.prepared={data}",
         "data.inputs=[]", f"checkpoint.dir={run_dir}",
     )  # fmt: skip
-    step("5/6 export the result to HF with the LoRA merged, checked against the trained Megatron model")
+    step("5/8 export the result to HF with the LoRA merged, checked against the trained Megatron model")
     run("export", "--to-hf", "--model", str(run_dir), "--output-dir", str(merged), "--merge-lora", "--dtype", "fp32",
         "--test-precision", "--overwrite")  # fmt: skip
-    step("6/6 chat with the fine-tuned model, thinking off (a tiny random model answers nonsense, in format)")
-    run("chat", str(merged), "--prompt", "用一句话介绍你自己。", "--thinking", "off", "--max-new-tokens", "24")
-    print(f"\ndemo finished in {time.time() - started:.0f} s: loss curve {run_dir / 'loss.png'}, model {merged}")
+    step("6/8 GRPO after SFT on 2 processes: sample groups, reward (answer with the word 'query'), update")
+    run_distributed(
+        2, "rl", str(REPO / "recipes/tiny_grpo.yaml"), f"model.source={merged}", f"checkpoint.dir={rl_dir}",
+        "train.steps=16",
+    )  # fmt: skip
+    step("7/8 export the RL run to HF, as an SFT run exports")
+    run("export", "--to-hf", "--model", str(rl_dir), "--output-dir", str(rl_hf), "--overwrite")
+    step("8/8 chat with the RL model, thinking off (a tiny random model answers nonsense, in format)")
+    run("chat", str(rl_hf), "--prompt", "用一句话介绍你自己。", "--thinking", "off", "--max-new-tokens", "24")
+    print(
+        f"\ndemo finished in {time.time() - started:.0f} s: SFT loss curve {run_dir / 'loss.png'}, "
+        f"RL curves {rl_dir / 'rl.png'}, models {merged} and {rl_hf}"
+    )
 
 
 if __name__ == "__main__":

@@ -122,3 +122,13 @@ def test_worker_count_is_checked():
     assert 1 <= default_workers() <= 32
     with pytest.raises(UserError, match="workers 0: must be at least 1"):
         PrepareOptions(max_length=64, workers=0).check()
+
+
+def test_worker_processes_start_without_torch():
+    """Spawned workers import the caller's main module (the CLI) and workers.py: neither may load torch (~1 s
+    a worker, which is most of a small corpus's time)."""
+    import subprocess
+    import sys
+
+    code = "import sys, glm45_train.cli.main, glm45_train.data.prepare; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

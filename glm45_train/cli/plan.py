@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 from typing import TYPE_CHECKING
 
-from glm45_train.launch.plan import GPUS
+from glm45_train.launch.gpus import GPUS
 
 if TYPE_CHECKING:
     from glm45_train.config.recipe import Recipe

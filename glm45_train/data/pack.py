@@ -14,9 +14,12 @@ Notable:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def pack_first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -66,6 +69,8 @@ def position_ids(seq_lengths: Sequence[int], row_length: int | None = None) -> n
 
 
 def block_causal_mask(rows: Sequence[Sequence[int]], row_length: int) -> torch.Tensor:
+    import torch  # here, not at import: `data prepare`'s worker processes never need it
+
     """Bool [b, 1, s, s], True = masked: causal within each sample of each row, nothing across samples."""
     mask = torch.ones(len(rows), 1, row_length, row_length, dtype=torch.bool)
     for row, seq_lengths in enumerate(rows):
@@ -78,6 +83,8 @@ def block_causal_mask(rows: Sequence[Sequence[int]], row_length: int) -> torch.T
 
 
 def cu_seqlens(rows: Sequence[Sequence[int]], row_length: int) -> torch.Tensor:
+    import torch
+
     """Int32 [k + 1] sequence starts over the rows laid end to end (THD), each row padded to row_length."""
     lengths = [n for seq_lengths in rows for n in _with_padding(seq_lengths, row_length)]
     return torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)

@@ -23,10 +23,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from glm45_train.data.pack import block_causal_mask, cu_seqlens, position_ids
 from glm45_train.errors import UserError
@@ -164,6 +166,7 @@ def collate(
     examples: Sequence[TrainingExample], row_length: int, pad_id: int, with_attention_mask: bool = False
 ) -> Batch:
     """Pad examples to `row_length` and stack them; padding is never trained."""
+    import torch  # here, not at import: `data prepare`'s worker processes never need it
 
     def padded(values: np.ndarray, fill: float) -> np.ndarray:
         if len(values) > row_length:

@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from glm45_train.config.recipe import Recipe, RecipeError, mtp_layers, validate_layout
 from glm45_train.launch import activations as act
 from glm45_train.launch import rl_plan
+from glm45_train.launch.gpus import GPUS, GpuSpec
 from glm45_train.launch.mfu_table import Utilisation, utilisation
 from glm45_train.launch.model_parts import ModelParts, count_parts
 from glm45_train.model.hf_config import Glm45Config
@@ -69,21 +70,6 @@ CONTEXT_GIB = 2.0  # CUDA context, cuBLAS/cuDNN workspaces, NCCL communicator bu
 RESERVE_FRACTION = 0.25  # caching-allocator reserve over the allocated peak (fitted on Air LoRA EP 4, see above)
 CONSTANT_RESERVE_GIB = 18.4  # the alternative form fitted on the same figure (tests: recipes fit under it too)
 BACKWARD_TRANSIENT_LAYERS = 1.0  # activation gradients alive during one layer's backward, in layers (assumed)
-
-
-@dataclass(frozen=True)
-class GpuSpec:
-    key: str  # the --gpu name, which mfu_table.py is keyed by
-    name: str
-    memory_gib: float  # total memory as nvidia-smi reports it
-    peak_tflops: float  # dense bf16 tensor-core peak
-
-
-GPUS = {
-    "h20": GpuSpec("h20", "H20 96GB", 95.6, 148.0),
-    "h100": GpuSpec("h100", "H100 80GB SXM", 79.6, 989.0),
-    "h200": GpuSpec("h200", "H200 141GB", 140.4, 989.0),
-}
 
 
 @dataclass(frozen=True)

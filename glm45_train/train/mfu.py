@@ -30,7 +30,7 @@ def flops_per_token(hf: Glm45Config, sequence: int, with_mtp: bool) -> float:
 
 def peak_flops(device_name: str) -> float | None:
     """Dense bf16 peak of one GPU, by the name CUDA reports (None when unknown: no MFU is reported)."""
-    from glm45_train.launch.plan import GPUS
+    from glm45_train.launch.gpus import GPUS
 
     name = device_name.upper()
     for key in sorted(GPUS, key=len, reverse=True):  # "h200" before "h20"
