@@ -21,11 +21,10 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from glm45_train.rl.batches import MicroBatch
 from glm45_train.rl.grpo import STATS, GrpoLoss, policy_loss, token_logprobs, vocab_parallel_entropy
-from glm45_train.train.loop import as_thd, optimizer_step
+from glm45_train.train.loop import as_thd, optimizer_step, run_schedule, sum_records
 from glm45_train.train.setup import Trainer
 
 _on_gpu = torch.cuda.is_available
@@ -76,21 +75,9 @@ def _grpo_step(loss: GrpoLoss, data_iterator: Any, model: Any) -> tuple[torch.Te
     return logits, loss_func
 
 
-def _schedule(trainer: Trainer, step_func: Any, micro: list[MicroBatch], forward_only: bool) -> list[dict]:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    rows, length = micro[0].batch.tokens.shape
-    if _on_gpu():  # THD: what stages exchange is 1 x b*s
-        rows, length = 1, rows * length
-    return get_forward_backward_func()(
-        forward_step_func=step_func,
-        data_iterator=iter(micro),
-        model=[trainer.model],
-        num_microbatches=len(micro),
-        seq_length=length,
-        micro_batch_size=rows,
-        forward_only=forward_only,
-    )
+def _schedule(owner: Any, step_func: Any, micro: list[MicroBatch], forward_only: bool) -> list[dict]:
+    shape = tuple(micro[0].batch.tokens.shape)
+    return run_schedule(owner.model, step_func, micro, shape, forward_only)  # type: ignore[arg-type]
 
 
 @torch.no_grad()
@@ -120,20 +107,11 @@ def logprob_pass(trainer: Trainer, micro: list[MicroBatch], temperature: float, 
 
 def update(trainer: Trainer, micro: list[MicroBatch], loss: GrpoLoss) -> dict[str, float]:
     """One optimizer update on one global batch; the stats summed over every rank, then lr and grad norm."""
-    from megatron.core import parallel_state
-
     started = time.perf_counter()
     trainer.model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
     records = _schedule(trainer, functools.partial(_grpo_step, loss), micro, forward_only=False)
-    totals = torch.zeros(len(STATS))
-    for record in records:  # only the last pipeline stage has them
-        totals += record["grpo"]
-    if _on_gpu():
-        totals = totals.cuda()
-    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    totals = sum_records(records, "grpo", len(STATS))
     lr, grad_norm = optimizer_step(trainer)
-    sums = dict(zip(STATS, totals.cpu().tolist(), strict=True))
+    sums = dict(zip(STATS, totals.tolist(), strict=True))
     return {**sums, "lr": lr, "grad_norm": grad_norm, "seconds": time.perf_counter() - started}

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from glm45_train.config.layout import ParallelLayout
 from glm45_train.convert.mapping.table import Glm45Mapping
 from glm45_train.convert.torch_dist.layout import current_layout, sharded_tensors, te_style_sharded_state_dict
-from glm45_train.convert.torch_dist.reader import Piece, model_tensor_pieces
+from glm45_train.convert.torch_dist.reader import Piece, box_overlap, model_tensor_pieces
 from glm45_train.lora import is_lora_name, iter_adapters
 from glm45_train.model.hf_config import Glm45Config
 from glm45_train.model.hf_layout import EXPERT_BIAS_KEY
@@ -323,24 +323,10 @@ def _gather_bucket(
 def _fill_region(piece: Piece, chunks: list[_Chunk], merge: _LoraMerge, buffer: torch.Tensor) -> None:
     """This rank's main-replica bytes of the region; zeros elsewhere."""
     for chunk in chunks:
-        overlap = _overlap(piece.global_offset, piece.chunk_shape, chunk.offset, chunk.shape)
+        overlap = box_overlap(piece.global_offset, piece.chunk_shape, chunk.offset, chunk.shape)
         if overlap is not None:
             data = merge.view(chunk.view)[(None,) * chunk.prepend_axes]
             buffer[overlap[0]] = data[overlap[1]]
-
-
-def _overlap(
-    a_offset: tuple[int, ...], a_shape: tuple[int, ...], b_offset: tuple[int, ...], b_shape: tuple[int, ...]
-) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
-    """(slices into box a, slices into box b) of their intersection, or None."""
-    in_a, in_b = [], []
-    for a0, an, b0, bn in zip(a_offset, a_shape, b_offset, b_shape, strict=True):
-        lo, hi = max(a0, b0), min(a0 + an, b0 + bn)
-        if lo >= hi:
-            return None
-        in_a.append(slice(lo - a0, hi - a0))
-        in_b.append(slice(lo - b0, hi - b0))
-    return tuple(in_a), tuple(in_b)
 
 
 class _LoraMerge:

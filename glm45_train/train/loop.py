@@ -84,31 +84,47 @@ def as_thd(batch: Batch) -> tuple[Batch, Any]:
     return flat_batch, packed
 
 
-def _run_batches(trainer: Trainer, batches: list[Batch], forward_only: bool) -> tuple[float, float]:
-    """(loss sum, trained tokens) over this data-parallel group for the given micro-batches."""
-    from megatron.core import parallel_state
+def run_schedule(
+    model: Any, step_func: Any, items: list, shape: tuple[int, int], forward_only: bool
+) -> list[dict[str, torch.Tensor]]:
+    """Megatron's forward/backward schedule over `items` (micro-batches of `shape` rows x length); the records
+    the loss function returned (last pipeline stage only)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    rows, length = batches[0].tokens.shape
-    if torch.cuda.is_available():  # forward_step lays the rows end to end (THD): what stages exchange is 1 x b*s
+    rows, length = shape
+    if torch.cuda.is_available():  # forward steps lay the rows end to end (THD): what stages exchange is 1 x b*s
         rows, length = 1, rows * length
-    outputs = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(batches),
-        model=[trainer.model],
-        num_microbatches=len(batches),
+    return get_forward_backward_func()(
+        forward_step_func=step_func,
+        data_iterator=iter(items),
+        model=[model],
+        num_microbatches=len(items),
         seq_length=length,
         micro_batch_size=rows,
         forward_only=forward_only,
     )
-    totals = torch.zeros(2)
-    for record in outputs:  # only the last pipeline stage has losses
-        totals += record["lm loss"].float().cpu()
+
+
+def sum_records(records: list[dict[str, torch.Tensor]], key: str, size: int) -> torch.Tensor:
+    """`records[i][key]` summed over micro-batches, data-parallel ranks and pipeline stages (CPU tensor)."""
+    from megatron.core import parallel_state
+
+    totals = torch.zeros(size)
+    for record in records:  # only the last pipeline stage has them
+        totals += record[key].float().cpu()
     if torch.cuda.is_available():
         totals = totals.cuda()
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    return totals.cpu()
+
+
+def _run_batches(trainer: Trainer, batches: list[Batch], forward_only: bool) -> tuple[float, float]:
+    """(loss sum, trained tokens) over this data-parallel group for the given micro-batches."""
+    shape = tuple(batches[0].tokens.shape)
+    records = run_schedule(trainer.model, forward_step, batches, shape, forward_only)  # type: ignore[arg-type]
+    totals = sum_records(records, "lm loss", 2)
     return float(totals[0]), float(totals[1])
 
 

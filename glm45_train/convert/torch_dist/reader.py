@@ -15,7 +15,7 @@ Nothing is unpickled outside formats/safe_pickle.py's allow-list (`.metadata` th
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +131,7 @@ class McoreTensorSource:
         target = target.view(piece.chunk_shape) if target.is_contiguous() else target[(None,) * piece.prepend_axes]
         covered = 0
         for chunk in stored.chunks:
-            overlap = _overlap(box, chunk)
+            overlap = box_overlap(box.offsets, box.sizes, chunk.offsets, chunk.sizes)
             if overlap is None:
                 continue
             if chunk == box and target.is_contiguous() and target.dtype == stored.properties.dtype:
@@ -211,13 +211,15 @@ def model_tensor_pieces(
     return {name: parts for name, parts in pieces.items() if parts}, shapes
 
 
-def _overlap(box: ChunkStorageMetadata, chunk: ChunkStorageMetadata) -> tuple[tuple[slice, ...], ...] | None:
-    """(slices into the box, slices into the chunk) of their intersection, or None."""
-    in_box, in_chunk = [], []
-    for b0, bn, c0, cn in zip(box.offsets, box.sizes, chunk.offsets, chunk.sizes, strict=True):
-        lo, hi = max(b0, c0), min(b0 + bn, c0 + cn)
+def box_overlap(
+    a_offset: Sequence[int], a_shape: Sequence[int], b_offset: Sequence[int], b_shape: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+    """(slices into box a, slices into box b) of their intersection, or None (boxes as offsets + shapes)."""
+    in_a, in_b = [], []
+    for a0, an, b0, bn in zip(a_offset, a_shape, b_offset, b_shape, strict=True):
+        lo, hi = max(a0, b0), min(a0 + an, b0 + bn)
         if lo >= hi:
             return None
-        in_box.append(slice(lo - b0, hi - b0))
-        in_chunk.append(slice(lo - c0, hi - c0))
-    return tuple(in_box), tuple(in_chunk)
+        in_a.append(slice(lo - a0, hi - a0))
+        in_b.append(slice(lo - b0, hi - b0))
+    return tuple(in_a), tuple(in_b)

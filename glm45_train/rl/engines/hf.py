@@ -115,14 +115,11 @@ class HFEngine:
     def generate(self, requests: list[Request], params: SamplingParams) -> list[list[Completion]]:
         if not self.loaded:
             raise RuntimeError("HFEngine.generate before update_weights: the engine has no weights yet")
+        per_batch = max(1, MAX_ROWS // max(r.samples for r in requests))  # MAX_ROWS responses at most
         out: list[list[Completion]] = []
-        for start in range(0, len(requests), self.max_rows_of(requests)):
-            out.extend(self._batch(requests[start : start + self.max_rows_of(requests)], params))
+        for start in range(0, len(requests), per_batch):
+            out.extend(self._batch(requests[start : start + per_batch], params))
         return out
-
-    def max_rows_of(self, requests: list[Request]) -> int:
-        """Requests per batch: MAX_ROWS responses at most (one request at least)."""
-        return max(1, MAX_ROWS // max(r.samples for r in requests))
 
     def _prefill(self, requests: list[Request]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
         """Every prompt once (left-padded), its cache copied to each response: (logits, cache, mask, next positions)."""
