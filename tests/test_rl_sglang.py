@@ -16,12 +16,11 @@ from glm45_train.config.rl import RolloutSection
 from glm45_train.errors import UserError
 from glm45_train.model.hf_config import Glm45Config
 from glm45_train.model.hf_layout import hf_tensor_shapes
+from glm45_train.rl.engines.model_files import WeightCheck, prepare_model_dir
 from glm45_train.rl.engines.sglang import (
     SGLangEngine,
-    WeightCheck,
     completion_from_output,
     group_completions,
-    prepare_model_dir,
     sampling_requests,
 )
 from glm45_train.rl.rollout import Completion, Request, SamplingParams

@@ -16,12 +16,19 @@ from typing import Any
 
 from glm45_train.config.errors import RecipeError
 
-ENGINES = ("auto", "hf", "sglang")  # auto: sglang on GPUs when installed, else hf
+ENGINES = ("auto", "hf", "vllm", "sglang")  # auto: vllm where installed, else sglang on GPUs when installed, else hf
+PLACEMENTS = ("in_process", "server")  # vllm: its offline engine in the trainer process, or `vllm serve`
+ENGINE_DTYPES = ("fp32", "bf16")
 
 
 @dataclass
 class RolloutSection:
-    engine: str = "auto"  # hf: transformers on the live weights (CPU or GPU); sglang: SGLang (GPU)
+    engine: str = "auto"  # hf: transformers on the live weights (CPU or GPU); vllm (CPU or GPU); sglang (GPU)
+    placement: str = "in_process"  # vllm: in_process (offline engine, colocated) | server (`vllm serve` per engine)
+    urls: list[str] = field(default_factory=list)  # vllm server placement: running servers to use (one per engine)
+    engines: int = 0  # engines in the run (0: one per rl.rollout.tp ranks); with urls, one per URL
+    dtype: str | None = None  # the engine's weights: fp32 | bf16 (default: model.dtype)
+    cpu_kv_cache_gib: float = 1.0  # vllm on CPU: KV cache per engine
     group_size: int = 8  # G responses per prompt (--num_generations; verl: rollout.n)
     temperature: float = 1.0  # --temperature
     top_p: float = 1.0  # --top_p
@@ -89,6 +96,7 @@ def check_rl_values(recipe: Any) -> None:
         fail("rl.rollout.top_p", "must be in (0, 1]")
     if not 0 < rollout.max_new_tokens < recipe.data.max_length:
         fail("rl.rollout.max_new_tokens", f"must be in (0, data.max_length = {recipe.data.max_length})")
+    _check_engine_values(recipe, fail)
     if not 0 < rollout.gpu_memory_fraction < 1:
         fail("rl.rollout.gpu_memory_fraction", "must be in (0, 1)")
     if rollout.tp < 1 or rollout.gpus < 0:
@@ -118,3 +126,35 @@ def check_rl_values(recipe: Any) -> None:
         fail("train.steps", "RL runs are counted in steps (train.epochs is for sft)")
     if recipe.train.mtp_loss_weight > 0:
         fail("train.mtp_loss_weight", "RL trains no MTP loss: set 0 (the MTP block is exported from the base)")
+
+
+def _check_engine_values(recipe: Any, fail: Any) -> None:
+    rollout = recipe.rl.rollout
+    if rollout.placement not in PLACEMENTS:
+        fail("rl.rollout.placement", f"{rollout.placement!r} is not one of {', '.join(PLACEMENTS)}")
+    if rollout.dtype is not None and rollout.dtype not in ENGINE_DTYPES:
+        fail("rl.rollout.dtype", f"{rollout.dtype!r} is not one of {', '.join(ENGINE_DTYPES)}")
+    if rollout.engines < 0 or rollout.cpu_kv_cache_gib <= 0:
+        fail("rl.rollout", "engines must be >= 0 and cpu_kv_cache_gib > 0")
+    if rollout.engine in ("hf", "sglang"):
+        if rollout.placement != "in_process" or rollout.urls:
+            fail("rl.rollout.placement", f"placement and urls are vllm's (rl.rollout.engine is {rollout.engine})")
+        return
+    if rollout.urls and rollout.placement != "server":
+        fail("rl.rollout.urls", "running servers are used with rl.rollout.placement: server")
+    if rollout.urls and rollout.engines not in (0, len(rollout.urls)):
+        fail("rl.rollout.engines", f"{rollout.engines} engines but {len(rollout.urls)} urls")
+    if rollout.top_p < 1:
+        fail(
+            "rl.rollout.top_p",
+            "vllm reports log-probs renormalised over the top-p nucleus, the trainer over the whole vocabulary: "
+            "use top_p 1.0 with the vllm engine",
+        )
+
+
+def engine_count(rollout: RolloutSection, world: int) -> int:
+    """How many engines a run of `world` ranks has: one per URL, rl.rollout.engines, or one per tp ranks."""
+    count = len(rollout.urls) or rollout.engines or max(1, world // rollout.tp)
+    if world % count:
+        raise RecipeError(f"key 'rl.rollout.engines': {count} engines do not divide {world} ranks evenly")
+    return count

@@ -1,8 +1,9 @@
 """`run_rl(recipe)`: GRPO on the SFT machinery — rollouts, rewards, advantages, updates, checkpoints, metrics.
 
-One RL step: sync the policy's weights into the engine -> sample `group_size` responses for each of the step's
-`prompts_per_step` prompts -> score them -> group advantages -> logp_old (and the reference's) in forward-only
-passes -> `updates_per_step` optimizer updates, one per global batch of samples -> metrics -> checkpoint.
+One RL step: sync the policy's weights into the engine -> verify the engine on a probe (rl/probe.py) -> sample
+`group_size` responses for each of the step's `prompts_per_step` prompts -> score them -> group advantages ->
+logp_old (and the reference's) in forward-only passes -> `updates_per_step` optimizer updates, one per global
+batch of samples -> metrics -> checkpoint.
 
 Notable:
 - Shared, not copied: the trainer (model build, base weights, LoRA, DDP, optimizer, scheduler) is
@@ -30,6 +31,7 @@ from glm45_train.config.recipe import Recipe
 from glm45_train.config.rl import updates_per_step
 from glm45_train.rl import steps
 from glm45_train.rl.grpo import GrpoLoss
+from glm45_train.rl.probe import verify_engine
 from glm45_train.rl.setup import RLRun, build_rl_run
 from glm45_train.rl.train_step import logprob_pass, update
 from glm45_train.train import checkpoint
@@ -89,6 +91,7 @@ def rl_step(run: RLRun, step: int, position: DataPosition) -> tuple[dict[str, An
     started = time.perf_counter()
     run.engine.wake()
     sync = run.sync_weights()
+    probe = verify_engine(run, step)
     synced = time.perf_counter()
     prompts, position = run.prompts.next_prompts(position)
     samples = steps.rollout(run, step, prompts)
@@ -113,5 +116,6 @@ def rl_step(run: RLRun, step: int, position: DataPosition) -> tuple[dict[str, An
         **steps.update_metrics(updates),
         **steps.time_metrics(started, synced, rolled, scored, trained, samples, updates),
         **sync.metrics(),
+        **probe,
     }
     return record, position

@@ -94,6 +94,7 @@ class RLRun:
     pad_id: int
     reference: Any  # None | "adapters" | a frozen model holder with `.model`
     sync: Any  # rl/weight_sync.py's layout
+    probe_ids: tuple[int, ...]  # rl/probe.py's fixed prompt
 
     def sync_weights(self) -> Any:
         """The policy's weights into the engine (a collective: every rank, every step); the sync's summary."""
@@ -105,7 +106,7 @@ class RLRun:
 
     @property
     def engine_dtype(self) -> torch.dtype:
-        return DTYPES[self.recipe.model.dtype]
+        return engine_dtype(self.recipe)
 
 
 def build_rl_run(recipe: Recipe) -> RLRun:
@@ -136,6 +137,8 @@ def build_rl_run(recipe: Recipe) -> RLRun:
     )
     engine, owners = make_engine(recipe)
     dist.barrier()
+    from glm45_train.rl.probe import probe_prompt
+
     return RLRun(
         recipe=recipe,
         trainer=trainer,
@@ -148,6 +151,7 @@ def build_rl_run(recipe: Recipe) -> RLRun:
         pad_id=_pad_id(tokenizer),
         reference=reference_for(recipe, trainer),
         sync=sync,
+        probe_ids=probe_prompt([prompt.ids for prompt in prompts], recipe.data.max_length),
     )
 
 
@@ -201,12 +205,25 @@ def _prompts(recipe: Recipe, tokenizer: Any, run_dir: Path) -> list[Prompt]:
     return prompts
 
 
+def engine_kind(requested: str) -> str:
+    """`auto`: vllm where installed, else SGLang on GPUs where installed, else the transformers engine."""
+    if requested != "auto":
+        return requested
+    from glm45_train.runtime.vllm_cpu import is_installed
+
+    if is_installed():
+        return "vllm"
+    return "sglang" if torch.cuda.is_available() and importlib.util.find_spec("sglang") else "hf"
+
+
+def engine_dtype(recipe: Recipe) -> torch.dtype:
+    return DTYPES[recipe.rl.rollout.dtype or recipe.model.dtype]
+
+
 def make_engine(recipe: Recipe) -> tuple[RolloutEngine, list[int]]:
     """This rank's engine (or a NullEngine) and the ranks that own one."""
     rollout, world, rank = recipe.rl.rollout, dist.get_world_size(), dist.get_rank()
-    kind = rollout.engine
-    if kind == "auto":
-        kind = "sglang" if torch.cuda.is_available() and importlib.util.find_spec("sglang") else "hf"
+    kind = engine_kind(rollout.engine)
     from glm45_train.rl.engines.hf import model_assets_dir
 
     assets = model_assets_dir(recipe.model.source)
@@ -214,15 +231,40 @@ def make_engine(recipe: Recipe) -> tuple[RolloutEngine, list[int]]:
         from glm45_train.rl.engines.hf import HFEngine
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        return HFEngine(assets, dtype=DTYPES[recipe.model.dtype], device=device), list(range(world))
+        return HFEngine(assets, dtype=engine_dtype(recipe), device=device), list(range(world))
+    if kind == "vllm":
+        return _vllm_engine(recipe, assets, rank, world)
     if not torch.cuda.is_available():
-        raise UserError("key 'rl.rollout.engine': sglang needs GPUs; `hf` runs everywhere")
+        raise UserError("key 'rl.rollout.engine': sglang needs GPUs; `hf` and `vllm` run everywhere")
     owners = list(range(0, world, rollout.tp))
     if rank not in owners:
         return NullEngine(), owners
     from glm45_train.rl.engines.sglang import SGLangEngine
 
     return SGLangEngine(assets, rollout, seed=recipe.train.seed, run_dir=Path(recipe.checkpoint.dir)), owners
+
+
+def _vllm_engine(recipe: Recipe, assets: Path, rank: int, world: int) -> tuple[RolloutEngine, list[int]]:
+    from glm45_train.config.rl import engine_count
+    from glm45_train.rl.engines.vllm import build_vllm_engine
+
+    rollout = recipe.rl.rollout
+    count = engine_count(rollout, world)
+    owners = list(range(0, world, world // count))
+    if rank not in owners:
+        return NullEngine(), owners
+    index = owners.index(rank)
+    engine = build_vllm_engine(
+        assets,
+        rollout,
+        dtype=engine_dtype(recipe),
+        seed=recipe.train.seed + index,
+        max_model_len=recipe.data.max_length,
+        work_dir=Path(recipe.checkpoint.dir) / "vllm" / f"engine{index}",
+        index=index,
+        url=rollout.urls[index] if rollout.urls else None,
+    )
+    return engine, owners
 
 
 def reference_for(recipe: Recipe, trainer: Trainer) -> Any:

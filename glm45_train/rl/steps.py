@@ -13,6 +13,7 @@ Notable:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -131,8 +132,21 @@ def global_batches(run: Any, samples: list[Sample]) -> list[list[MicroBatch]]:
 
 def sample_metrics(samples: list[Sample], batches: list[list[MicroBatch]]) -> dict[str, float]:
     lengths = np.array([len(s.response_ids) for s in samples])
-    gap = torch.zeros(3)  # sum |engine - trainer|, tokens, max (last pipeline stage only)
-    for micro in (m for batch in batches for m in batch):
+    gap_mean, gap_max = logprob_gap(m for batch in batches for m in batch)
+    return {
+        "response_length": float(lengths.mean()),
+        "response_length_max": int(lengths.max()),
+        "finished_fraction": float(np.mean([s.finished for s in samples])),
+        "logprob_gap_mean": gap_mean,
+        "logprob_gap_max": gap_max,
+    }
+
+
+def logprob_gap(micro_batches: Iterable[MicroBatch]) -> tuple[float, float]:
+    """Mean and max |engine - trainer| log-prob over every trained token of every rank (a collective; the
+    trainer's log-probs exist on the last pipeline stage only)."""
+    gap = torch.zeros(3)  # sum |engine - trainer|, tokens, max
+    for micro in micro_batches:
         if micro.old_logp is None:
             continue
         mask = micro.batch.loss_mask > 0
@@ -143,13 +157,7 @@ def sample_metrics(samples: list[Sample], batches: list[list[MicroBatch]]) -> di
     sums, peak = gap[:2].clone(), gap[2:].clone()
     dist.all_reduce(sums)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return {
-        "response_length": float(lengths.mean()),
-        "response_length_max": int(lengths.max()),
-        "finished_fraction": float(np.mean([s.finished for s in samples])),
-        "logprob_gap_mean": float(sums[0] / sums[1]) if sums[1] else math.nan,
-        "logprob_gap_max": float(peak[0]),
-    }
+    return (float(sums[0] / sums[1]) if sums[1] else math.nan), float(peak[0])
 
 
 def update_metrics(updates: list[dict[str, float]]) -> dict[str, float]:

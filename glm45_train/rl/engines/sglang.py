@@ -33,26 +33,21 @@ Notable (SGLang's source, python/sglang/srt/...; read at 0.5.x):
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from glm45_train.convert.torch_dist.directory import carried_files
 from glm45_train.errors import UserError
 from glm45_train.model.hf_config import Glm45Config
-from glm45_train.model.hf_layout import hf_tensor_shapes
+from glm45_train.rl.engines.model_files import WeightCheck, prepare_model_dir
 from glm45_train.rl.rollout import Completion, Request, SamplingParams
 
 INSTALL_HINT = (
     "rl.rollout.engine sglang needs SGLang: pip install 'glm45-train[rl-gpu]' (GPUs only); "
     "`rl.rollout.engine: hf` runs everywhere"
 )
-ARCHITECTURE = "Glm4MoeForCausalLM"  # SGLang's model class for model_type glm4_moe
 BUCKET_BYTES = 1 << 30  # weights per update_weights_from_tensor call
 KV_CACHE_TAG = "kv_cache"  # sglang.srt.constants.GPU_MEMORY_TYPE_KV_CACHE
 SEED_RANGE = 2**31  # sampling_seed was an int32 tensor in some SGLang 0.5 releases
@@ -66,60 +61,6 @@ def import_sglang() -> Any:
     except ImportError as err:
         raise UserError(f"{INSTALL_HINT} ({err})") from None
     return sglang
-
-
-def prepare_model_dir(assets_dir: str | Path, out_dir: str | Path) -> Path:
-    """`out_dir` holding what SGLang reads at start from `assets_dir` (an HF checkpoint, or a converted one's
-    hf_assets/): config.json, generation_config.json, tokenizer and template files; no weights. Written under a
-    staging name and renamed, so the engines of one node preparing the same directory do not collide."""
-    assets, out = Path(assets_dir), Path(out_dir)
-    config = assets / "config.json"
-    if not config.is_file():
-        raise UserError(f"{assets}: no config.json (the engine's model directory needs one)")
-    architectures = json.loads(config.read_text()).get("architectures") or []
-    if ARCHITECTURE not in architectures:
-        raise UserError(f"{config}: architectures {architectures} lack {ARCHITECTURE} (SGLang picks its model by it)")
-    if (out / "config.json").is_file():
-        if (out / "config.json").read_bytes() != config.read_bytes():
-            raise UserError(f"{out}: prepared for another model (its config.json differs from {config}); remove it")
-        return out
-    staging = out.with_name(f".{out.name}.partial.{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for path in carried_files(assets):
-        shutil.copy2(path, staging / path.name)
-    try:
-        staging.rename(out)
-    except OSError:  # another engine of this node finished first, with the same files
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
-
-
-class WeightCheck:
-    """The tensors SGLang's Glm4MoeForCausalLM loads: each name known, of its shape, once; none missing."""
-
-    def __init__(self, hf: Glm45Config) -> None:
-        self.hf = hf
-        self.expected = {name: shape for name, shape in hf_tensor_shapes(hf) if not self.is_mtp(name)}
-        self.seen: set[str] = set()
-
-    def is_mtp(self, name: str) -> bool:
-        """The MTP layer's tensors, which SGLang's main model skips (its draft model would read them)."""
-        return name.startswith("model.layers.") and int(name.split(".")[2]) >= self.hf.num_hidden_layers
-
-    def take(self, name: str, shape: tuple[int, ...]) -> None:
-        if name not in self.expected:
-            raise ValueError(f"weight update: {name!r} is not a tensor of the checkpoint (SGLang would skip it)")
-        if name in self.seen:
-            raise ValueError(f"weight update: {name!r} sent twice")
-        if shape != self.expected[name]:
-            raise ValueError(f"weight update: {name!r} has shape {list(shape)}, expected {list(self.expected[name])}")
-        self.seen.add(name)
-
-    def finish(self) -> None:
-        missing = sorted(self.expected.keys() - self.seen)
-        if missing:
-            raise ValueError(f"weight update: {len(missing)} tensor(s) missing, e.g. {missing[:3]}")
 
 
 def sampling_requests(
