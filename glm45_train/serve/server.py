@@ -101,6 +101,12 @@ class VLLMServer:
 
     def start(self, timeout: float = 600.0) -> VLLMServer:
         """Start the process (if this object owns one) and wait until /health answers."""
+        self.launch()
+        self.wait_healthy(timeout)
+        return self
+
+    def launch(self) -> VLLMServer:
+        """Start the process (if this object owns one) without waiting for it to be ready."""
         if self.model_dir is not None and self.process is None:
             if not is_installed():
                 raise UserError(INSTALL_HINT)
@@ -117,7 +123,6 @@ class VLLMServer:
                 start_new_session=True,
                 preexec_fn=_end_with_parent,
             )
-        self.wait_healthy(timeout)
         return self
 
     def wait_healthy(self, timeout: float) -> None:
