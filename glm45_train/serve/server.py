@@ -113,6 +113,8 @@ class VLLMServer:
             env = engine_environment({**os.environ, **self.env}, self.engine_index)
             if self.dev_mode:
                 env["VLLM_SERVER_DEV_MODE"] = "1"
+            if self.log_path:
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
             command = serve_command(self.model_dir, self.port, self.host, self.extra_args)
             self.process = subprocess.Popen(
@@ -162,6 +164,10 @@ class VLLMServer:
         if self._log not in (None, subprocess.DEVNULL):
             self._log.close()
         self._log = None
+
+    def log_tail(self, lines: int = 25) -> str:
+        """The end of the server's log, worded as the suffix of an error message."""
+        return self._tail(lines)
 
     def _tail(self, lines: int = 25) -> str:
         if self.log_path is None or not self.log_path.exists():

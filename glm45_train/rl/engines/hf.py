@@ -17,6 +17,7 @@ Notable:
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -50,6 +51,10 @@ class HFEngine:
         with torch.device(device):
             self.model: Any = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
         self.config, self.device, self.dtype = config, device, dtype
+        # the KV cache's name in and out of the model: `past_key_values` up to transformers 5.19 (which vLLM's CPU
+        # build pins), `cache` in later 5.x releases
+        forward = inspect.signature(type(self.model).forward).parameters
+        self.cache_argument = "past_key_values" if "past_key_values" in forward else "cache"
         self.params = dict(self.model.named_parameters())
         self.params.update(
             (name, buffer) for name, buffer in self.model.named_buffers() if name.endswith("e_score_correction_bias")
@@ -133,8 +138,9 @@ class HFEngine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         rows = torch.tensor([row for row, r in enumerate(requests) for _ in range(r.samples)], device=self.device)
-        out.cache.batch_select_indices(rows)
-        return out.logits[rows, -1].float(), out.cache, mask[rows], positions[rows, -1] + 1
+        cache = getattr(out, self.cache_argument)
+        cache.batch_select_indices(rows)
+        return out.logits[rows, -1].float(), cache, mask[rows], positions[rows, -1] + 1
 
     def _batch(self, requests: list[Request], params: SamplingParams) -> list[list[Completion]]:
         logits, cache, mask, position = self._prefill(requests)
@@ -165,8 +171,8 @@ class HFEngine:
                     input_ids=tokens.view(-1, 1),
                     attention_mask=mask,
                     position_ids=position.view(-1, 1),
-                    cache=cache,
                     use_cache=True,
+                    **{self.cache_argument: cache},
                 )
                 .logits[:, -1]
                 .float()

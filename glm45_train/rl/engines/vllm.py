@@ -12,8 +12,8 @@ Notable (vLLM 0.32's source, read and measured; docs/architecture.md shows how t
   log_softmax(logits / temperature), the trainer's quantity. vLLM applies top-p before that softmax, so with
   top_p < 1 it would report log-probs renormalised over the nucleus: the recipe check refuses top_p < 1 here.
   The stop token that ended a response is part of its ids (vLLM keeps it in `token_ids`).
-- CPU: eager mode (torch.compile adds about a minute to each start for no gain at test size), a KV cache of
-  `rl.rollout.cpu_kv_cache_gib`; engine processes start without torchrun's variables (runtime/vllm_cpu.py row 3).
+- CPU: eager mode without chunked prefill (runtime/vllm_cpu.py row 4), a KV cache of `rl.rollout.cpu_kv_cache_gib`;
+  engine processes start without torchrun's variables, each on its own core (row 3).
   GPUs: compiled, `gpu_memory_fraction` of each GPU, `rl.rollout.tp` GPUs per engine.
 - Server placement: requests go out concurrently (a thread pool), one HTTP call per response; weight updates
   and the cache reset use the dev-mode endpoints (`/collective_rpc`, `/reset_prefix_cache`), so a server the run
@@ -38,7 +38,7 @@ from glm45_train.model.hf_config import Glm45Config
 from glm45_train.rl.engines.model_files import WeightCheck, prepare_model_dir
 from glm45_train.rl.engines.weight_files import write_buckets
 from glm45_train.rl.rollout import Completion, Request, SamplingParams
-from glm45_train.runtime.vllm_cpu import engine_environment, is_installed
+from glm45_train.runtime.vllm_cpu import CPU_ENGINE_ARGS, engine_environment, is_installed
 from glm45_train.serve.server import INSTALL_HINT, VLLMServer
 from glm45_train.serve.vllm_worker import EXTENSION, LOAD_METHOD
 
@@ -74,8 +74,7 @@ def engine_args(dtype: torch.dtype, seed: int, max_model_len: int, rollout: Any)
     if torch.cuda.is_available():
         args["gpu_memory_utilization"] = rollout.gpu_memory_fraction
     else:
-        args["enforce_eager"] = True
-        args["kv_cache_memory_bytes"] = int(rollout.cpu_kv_cache_gib * 2**30)
+        args.update(CPU_ENGINE_ARGS, kv_cache_memory_bytes=int(rollout.cpu_kv_cache_gib * 2**30))
     return args
 
 
