@@ -1,4 +1,4 @@
-"""RL throughput on CPU: the rollout engine against transformers' `generate`, and where an RL step's time goes.
+"""RL throughput on CPU: the rollout engines against transformers' `generate`, and where an RL step's time goes.
 
     .venv/bin/python bench/rl.py [--repeats 3] [--steps 12] [--update-docs]
 
@@ -8,9 +8,13 @@ Notable:
   the log-prob of every sampled token (what GRPO needs): `HFEngine.generate` vs `model.generate(...,
   num_return_sequences=G, output_logits=True)` + the log-softmax of the chosen tokens, on the same model object.
   Rates are the best of `--repeats` interleaved runs; the ratio is also given as the median per repeat.
-- Step split: `glm45-train rl recipes/tiny_grpo.yaml` on 2 processes (EP 2) for `--steps` steps; from its
-  metrics.jsonl (step 1 left out: warm-up), the share of step time in rollout, in training (log-prob passes and
-  updates) and outside both (weight sync, rewards, batching, gathering).
+- vLLM (CPU build) on the same prompts and seeds, fed the same weights: in-process (`vllm.LLM`, one engine core
+  process) and server (`vllm serve`, one HTTP request per response); it stops at the model's end-of-text tokens,
+  so its rate is per token generated. Warm engines: start-up (about 20 s each) is not counted.
+- Step split: `glm45-train rl recipes/tiny_grpo.yaml` on 2 processes (EP 2) for `--steps` steps with each engine
+  (hf; vllm in-process, one engine per rank; vllm server, one server); from its metrics.jsonl (step 1 left out:
+  warm-up), the share of step time in weight sync, engine verification (rl/probe.py), rollout, training (log-prob
+  passes and updates) and the rest (rewards, batching, gathering).
 - --update-docs rewrites the `## RL` section of docs/benchmarks.md.
 """
 
@@ -83,12 +87,44 @@ def time_generate(model, prompts) -> tuple[float, int]:
     return time.perf_counter() - started, tokens
 
 
-def step_split(model_dir: Path, steps: int, scratch: Path) -> dict[str, float]:
-    run_dir = scratch / "rl"
+ENGINES = {  # label -> recipe overrides
+    "hf": ["rl.rollout.engine=hf"],
+    "vllm in-process": ["rl.rollout.engine=vllm"],
+    "vllm server": ["rl.rollout.engine=vllm", "rl.rollout.placement=server", "rl.rollout.engines=1"],
+}
+
+
+def vllm_engines(model_dir: Path, scratch: Path) -> dict[str, object]:
+    """Both vLLM placements, warm, holding the tiny model's weights."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    from glm45_train.rl.engines.vllm import build_vllm_engine
+
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    weights = {name: t.float() for name, t in tensors.items() if not name.startswith("model.layers.3.")}  # no MTP
+    engines = {}
+    for index, placement in enumerate(("in_process", "server")):
+        rollout = SimpleNamespace(tp=1, gpu_memory_fraction=0.5, cpu_kv_cache_gib=1.0, placement=placement)
+        engine = build_vllm_engine(
+            model_dir, rollout, dtype=torch.float32, seed=0, max_model_len=512,
+            work_dir=scratch / "vllm" / placement, index=index,
+        )  # fmt: skip
+        engine.update_weights(weights.items())
+        engines[f"vllm {placement.replace('_', '-')}"] = engine
+    return engines
+
+
+def step_split(model_dir: Path, steps: int, scratch: Path, overrides: list[str]) -> dict[str, float]:
+    run_dir = scratch / ("rl-" + "-".join(o.split("=")[-1] for o in overrides))
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
         "glm45_train.cli.main", "rl", str(REPO / "recipes/tiny_grpo.yaml"), f"model.source={model_dir}",
         f"checkpoint.dir={run_dir}", f"train.steps={steps}", f"checkpoint.interval={steps}", "logging.plot=false",
+        *overrides,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     subprocess.run(command, check=True, env=env, capture_output=True)
@@ -102,7 +138,8 @@ def step_split(model_dir: Path, steps: int, scratch: Path) -> dict[str, float]:
         "step_s": step / len(records),
         "rollout": total("rollout_seconds") / step,
         "train": total("train_seconds") / step,
-        "sync": total("sync_seconds") / step,
+        "sync": (total("sync_seconds") - total("probe_seconds")) / step,
+        "probe": total("probe_seconds") / step,
         "reward": total("reward_seconds") / step,
         "outside": 1 - (total("rollout_seconds") + total("train_seconds")) / step,
         "rollout_tokens_per_s": statistics.median(r["rollout_tokens_per_s"] for r in records),
@@ -116,44 +153,71 @@ def run(repeats: int, steps: int) -> str:
         scratch = Path(scratch_name)
         model_dir = make_tiny(scratch / "tiny", preset="air")
         engine, prompts = load_engine(model_dir), prompt_ids(model_dir)
+        others = vllm_engines(model_dir, scratch)
         time_engine(engine, prompts[:1]), time_generate(engine.model, prompts[:1])  # warm-up
-        ours, theirs = [], []
+        for other in others.values():
+            time_engine(other, prompts[:1])
+        rates: dict[str, list[tuple[float, int]]] = {"generate": [], "hf": [], **{k: [] for k in others}}
         for _ in range(repeats):
-            ours.append(time_engine(engine, prompts))
-            theirs.append(time_generate(engine.model, prompts))
-        split = step_split(model_dir, steps, scratch)
-    return _section(ours, theirs, split, repeats, steps)
+            rates["generate"].append(time_generate(engine.model, prompts))
+            rates["hf"].append(time_engine(engine, prompts))
+            for label, other in others.items():
+                rates[label].append(time_engine(other, prompts))
+        for other in others.values():
+            other.shutdown()  # type: ignore[attr-defined]
+        splits = {label: step_split(model_dir, steps, scratch, overrides) for label, overrides in ENGINES.items()}
+    return _section(rates, splits, repeats, steps)
 
 
-def _section(ours, theirs, split, repeats: int, steps: int) -> str:
-    best_ours = max(tokens / seconds for seconds, tokens in ours)
-    best_theirs = max(tokens / seconds for seconds, tokens in theirs)
-    median = statistics.median((t[0] / o[0]) for o, t in zip(ours, theirs, strict=True))
+ROLLOUT_ROWS = {
+    "generate": "transformers `generate` (num_return_sequences, output_logits)",
+    "hf": "`HFEngine.generate` (prompts batched, one prefill per group, finished rows dropped)",
+    "vllm in-process": "vLLM in-process (`vllm.LLM`, CPU build, fp32, eager)",
+    "vllm server": "vLLM server (`vllm serve`, one HTTP request per response)",
+}
+
+
+def _section(rates: dict[str, list[tuple[float, int]]], splits: dict[str, dict], repeats: int, steps: int) -> str:
+    def best(label: str) -> float:
+        return max(tokens / seconds for seconds, tokens in rates[label])
+
+    def median_ratio(label: str) -> float:
+        pairs = zip(rates[label], rates["generate"], strict=True)
+        return statistics.median((o[1] / o[0]) / (t[1] / t[0]) for o, t in pairs)
+
     header = (
         f"`bench/rl.py --repeats {repeats} --steps {steps}` on {os.cpu_count()} CPU cores ({platform.machine()}), "
         f"tiny GLM-4.5-Air (make-tiny), {PROMPTS} prompts x {GROUP} responses x {NEW_TOKENS} new tokens, fp32, "
         f"sampling with log-probs; load average (1 min) {os.getloadavg()[0]:.1f}."
     )
-    return "\n".join(
-        [
-            "## RL",
-            "",
-            header,
-            "",
-            "| rollout path | tokens/s (best) | × transformers generate (best / best) | (median per repeat) |",
-            "|---|---:|---:|---:|",
-            f"| transformers `generate` (num_return_sequences, output_logits) | {best_theirs:,.0f} | 1.00 | 1.00 |",
-            f"| `HFEngine.generate` (prompts batched, one prefill per group, finished rows dropped) | "
-            f"{best_ours:,.0f} | {best_ours / best_theirs:.2f} | {median:.2f} |",
-            "",
-            f"One RL step of `recipes/tiny_grpo.yaml` (2 processes, EP 2; mean of steps 2-{steps}): "
-            f"{split['step_s']:.2f} s, of which rollout {split['rollout']:.0%}, training (log-prob passes and "
-            f"updates) {split['train']:.0%}, outside both {split['outside']:.0%} (weight sync {split['sync']:.0%}, "
-            f"rewards and gathering {split['reward']:.0%}); rollout {split['rollout_tokens_per_s']:,.0f} tokens/s.",
-            "Targets: the CPU engine ≥ transformers generate; outside rollout and training ≤ 10% of the step.",
-            "",
-        ]
-    )
+    lines = [
+        "## RL", "", header, "",
+        "| rollout path | tokens/s (best) | × transformers generate (best / best) | (median per repeat) |",
+        "|---|---:|---:|---:|",
+    ]  # fmt: skip
+    for label, text in ROLLOUT_ROWS.items():
+        lines.append(
+            f"| {text} | {best(label):,.0f} | {best(label) / best('generate'):.2f} | {median_ratio(label):.2f} |"
+        )
+    lines += [
+        "",
+        f"One RL step of `recipes/tiny_grpo.yaml` (2 processes, EP 2; mean of steps 2-{steps}):",
+        "",
+        "| engine | step s | weight sync | verification (probe) | rollout | training | rest | rollout tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, split in splits.items():
+        rest = split["outside"] - split["sync"] - split["probe"]
+        lines.append(
+            f"| {label} | {split['step_s']:.2f} | {split['sync']:.0%} | {split['probe']:.0%} | {split['rollout']:.0%} "
+            f"| {split['train']:.0%} | {rest:.0%} | {split['rollout_tokens_per_s']:,.0f} |"
+        )
+    lines += [
+        "",
+        "Targets: the CPU engine ≥ transformers generate; weight sync + verification ≤ 10% of the step.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def update_docs(section: str) -> None:

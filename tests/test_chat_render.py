@@ -29,9 +29,16 @@ VARIANTS = [(thinking, prompt) for thinking in (True, False) for prompt in (Fals
 STOPS = ("<|user|>", "<|observation|>", "<|endoftext|>")
 
 
+def template_messages(record) -> list[dict]:
+    """The record's messages as chat servers hand them to the template: `content: None` (an assistant turn of
+    tool calls only, as OpenAI-style clients send it) as "". transformers from 5.20 and vLLM's chat endpoint do
+    this themselves; transformers 5.19 (which vLLM's CPU build pins) passes None on and Jinja prints "None"."""
+    return [{**m, "content": "" if m.get("content", "") is None else m.get("content", "")} for m in record["messages"]]
+
+
 def template_text(hf_tokenizer, record, thinking: bool, generation_prompt: bool) -> str:
     return hf_tokenizer.apply_chat_template(
-        record["messages"],
+        template_messages(record),
         tools=record.get("tools"),
         tokenize=False,
         add_generation_prompt=generation_prompt,
@@ -76,7 +83,7 @@ def test_text_and_ids_equal_the_official_template(hf_tokenizer, chat_tokenizer, 
     assert sample.text == expected_text
     assert sample.input_ids == hf_tokenizer.encode(expected_text, add_special_tokens=False)
     template_ids = hf_tokenizer.apply_chat_template(
-        record["messages"],
+        template_messages(record),
         tools=record.get("tools"),
         add_generation_prompt=generation_prompt,
         enable_thinking=thinking,

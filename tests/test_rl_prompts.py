@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from chat_cases import CASES  # tests/ is on sys.path under pytest
+from test_chat_render import template_messages
 
 from glm45_train.data.conversation import DataError, Origin, Reason
 from glm45_train.errors import UserError
@@ -117,7 +118,11 @@ def test_other_input_formats_give_the_same_prompts(tmp_path):
 
 def _template_ids(hf_tokenizer, messages, tools, thinking: bool) -> list[int]:
     ids = hf_tokenizer.apply_chat_template(
-        messages, tools=tools, add_generation_prompt=True, enable_thinking=thinking, return_dict=False
+        template_messages({"messages": messages}),
+        tools=tools,
+        add_generation_prompt=True,
+        enable_thinking=thinking,
+        return_dict=False,
     )
     return list(ids)
 
