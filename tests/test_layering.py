@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("glm45_train.convert",),  # tensor sources, hf_to_mcore, mcore_to_hf, load_mcore
     ("glm45_train.convert.precision",),  # the check against transformers
     ("glm45_train.lora",),
-    ("glm45_train.hub", "glm45_train.infer"),
+    ("glm45_train.hub", "glm45_train.infer", "glm45_train.serve"),  # serve: vLLM on exports, the serving contract
     ("glm45_train.launch",),  # planner, Slurm, rehearse
     ("glm45_train.train",),  # sft
     ("glm45_train.rl",),  # GRPO on top of train

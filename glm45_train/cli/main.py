@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from glm45_train import __version__
-from glm45_train.cli import chat, check, data, export, make_tiny, plan, push, rl, sft, submit
+from glm45_train.cli import chat, check, data, export, make_tiny, plan, push, rl, serve, sft, submit
 from glm45_train.errors import UserError
 
-COMMANDS = (make_tiny, export, data, check, sft, rl, chat, plan, submit, push)
+COMMANDS = (make_tiny, export, data, check, sft, rl, chat, serve, plan, submit, push)
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -58,8 +58,18 @@ def quiet_third_party_noise() -> None:
     transformers.logging.set_verbosity_error()
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """argparse's parse, except that a command setting `passes_unknown_args` (serve: vLLM's options) receives
+    the options it does not know as `args.unknown_args` instead of an error."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "passes_unknown_args", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.unknown_args = unknown
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     quiet_third_party_noise()
     try:
         return int(args.func(args) or 0)

@@ -11,17 +11,27 @@ Notable:
   takes checkpoint names and does vLLM's own fusing (q/k/v -> qkv_proj, gate/up, per-expert -> w13/w2).
 - Then runtime/vllm_cpu.py's row 2 (the routed experts repacked on CPU). The prefix cache is reset by the
   caller: it lives in the engine core, not here.
+- Imported by vLLM's worker (`init_worker` resolves `--worker-extension-cls` before it builds the model), this
+  module applies runtime/vllm_cpu.py's row 5 there: LoRA adapters that target no routed experts run on CPU.
+  Imported anywhere else (the RL engine reads EXTENSION from here), it changes nothing.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
+from glm45_train.runtime.vllm_cpu import keep_untargeted_moe_on_cpu_experts
+
 EXTENSION = "glm45_train.serve.vllm_worker.WeightLoader"  # for LLM(worker_extension_cls=) / --worker-extension-cls
 LOAD_METHOD = "glm45_load_weights"
+VLLM_WORKER_MODULE = "vllm.v1.worker.worker_base"  # loaded in every process that runs a vLLM worker
+
+if VLLM_WORKER_MODULE in sys.modules:
+    keep_untargeted_moe_on_cpu_experts()
 
 
 def _tensors(files: list[str]) -> Iterator[tuple[str, Any]]:
