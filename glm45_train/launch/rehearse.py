@@ -274,6 +274,10 @@ def _rl_settings(global_batch: int) -> list[str]:
         "rl.rollout.group_size=2",
         "rl.rollout.max_new_tokens=16",
         "rl.rollout.engine=hf",
+        "rl.rollout.placement=in_process",  # a vllm recipe's server placement, URLs and dtype are the engine's
+        "rl.rollout.urls=[]",
+        "rl.rollout.engines=0",
+        "rl.rollout.dtype=null",
     ]
 
 
