@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from glm45_train.errors import UserError
-from glm45_train.rl.rollout import Completion, Request, SamplingParams
+from glm45_train.rl.rollout import Completion, Request, SamplingParams, by_request
 
 MAX_ROWS = 64  # responses sampled together (a batch of prompts, left-padded)
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
@@ -179,11 +179,7 @@ class HFEngine:
             )
             position = position + 1
         completions = [Completion(tuple(i), tuple(lp), f) for i, lp, f in zip(ids, logprobs, finished, strict=True)]
-        out, start = [], 0
-        for request in requests:
-            out.append(completions[start : start + request.samples])
-            start += request.samples
-        return out
+        return by_request(completions, requests)
 
     def sleep(self) -> None:
         pass

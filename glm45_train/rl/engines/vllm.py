@@ -37,7 +37,7 @@ from glm45_train.errors import UserError
 from glm45_train.model.hf_config import Glm45Config
 from glm45_train.rl.engines.model_files import WeightCheck, prepare_model_dir
 from glm45_train.rl.engines.weight_files import write_buckets
-from glm45_train.rl.rollout import Completion, Request, SamplingParams
+from glm45_train.rl.rollout import Completion, Request, SamplingParams, by_request
 from glm45_train.runtime.vllm_cpu import CPU_ENGINE_ARGS, engine_environment, is_installed
 from glm45_train.serve.server import INSTALL_HINT, VLLMServer
 from glm45_train.serve.vllm_worker import EXTENSION, LOAD_METHOD
@@ -118,12 +118,7 @@ class VLLMEngine:
         if not self.loaded:
             raise RuntimeError("VLLMEngine.generate before update_weights: the engine has no weights yet")
         prompts = [(r.prompt_ids, r.seed + j) for r in requests for j in range(r.samples)]
-        completions = self.backend.sample(prompts, params) if prompts else []
-        out, start = [], 0
-        for request in requests:
-            out.append(completions[start : start + request.samples])
-            start += request.samples
-        return out
+        return by_request(self.backend.sample(prompts, params) if prompts else [], requests)
 
     def sleep(self) -> None:
         pass  # vLLM's sleep mode is a no-op on CPU; on GPUs the colocated memory hand-over is the scale work
