@@ -16,7 +16,7 @@ Notable:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,14 +45,14 @@ class Completion:
     finished: bool  # ended on a stop token (included in response_ids)
 
 
-def by_request(completions: list[Completion], requests: list[Request]) -> list[list[Completion]]:
+def by_request(completions: Sequence[Completion], requests: Sequence[Request]) -> list[list[Completion]]:
     """Completions listed response by response, request after request -> `request.samples` of them per request."""
     expected = sum(request.samples for request in requests)
     if len(completions) != expected:
         raise RuntimeError(f"the engine returned {len(completions)} completions for {expected} responses")
     out, start = [], 0
     for request in requests:
-        out.append(completions[start : start + request.samples])
+        out.append(list(completions[start : start + request.samples]))
         start += request.samples
     return out
 

@@ -42,7 +42,7 @@ import torch
 from glm45_train.errors import UserError
 from glm45_train.model.hf_config import Glm45Config
 from glm45_train.rl.engines.model_files import WeightCheck, prepare_model_dir
-from glm45_train.rl.rollout import Completion, Request, SamplingParams
+from glm45_train.rl.rollout import Completion, Request, SamplingParams, by_request
 
 INSTALL_HINT = (
     "rl.rollout.engine sglang needs SGLang: pip install 'glm45-train[rl-gpu]' (GPUs only); "
@@ -109,11 +109,7 @@ def group_completions(
     if len(outputs) != expected:
         raise RuntimeError(f"SGLang returned {len(outputs)} outputs for {expected} responses")
     stops = set(stop_token_ids)
-    groups, start = [], 0
-    for request in requests:
-        groups.append([completion_from_output(o, stops) for o in outputs[start : start + request.samples]])
-        start += request.samples
-    return groups
+    return by_request([completion_from_output(output, stops) for output in outputs], requests)
 
 
 class SGLangEngine:
