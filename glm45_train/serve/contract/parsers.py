@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from glm45_train.serve.contract.cases import TurnCase
-from glm45_train.serve.contract.result import FAIL, PASS, CheckResult
+from glm45_train.serve.contract.result import FAIL, PASS, CheckResult, first_failures
 
 PARSER_NAME = "glm45"  # both --reasoning-parser and --tool-call-parser, as GLM-4.5's release serves
 
@@ -141,6 +141,6 @@ def check_parsers(tokenizer_dir: str | Path, cases: Sequence[TurnCase]) -> Check
     if not cases:
         return CheckResult("c", title, FAIL, numbers, "no assistant turn with reasoning or tool calls in the data")
     if failures:
-        detail = "\n".join(failures[:4]) + (f"\n(+{len(failures) - 4} more)" if len(failures) > 4 else "")
+        detail = first_failures(failures, 4)
         return CheckResult("c", title, FAIL, f"{numbers}; {len(failures)} mismatches", detail)
     return CheckResult("c", title, PASS, f"{numbers}; all read back")

@@ -19,7 +19,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from glm45_train.serve.contract.cases import PromptCase
-from glm45_train.serve.contract.result import FAIL, PASS, CheckResult
+from glm45_train.serve.contract.result import FAIL, PASS, CheckResult, first_failures
 from glm45_train.serve.server import ServerError, VLLMServer
 
 CONTEXT_TOKENS = 3  # shown on each side of a difference
@@ -79,6 +79,6 @@ def check_chat_prompts(
     if not cases:
         return CheckResult("b", title, FAIL, numbers, "no conversation with a prompt before an assistant turn")
     if failures:
-        detail = "\n".join(failures[:3]) + (f"\n(+{len(failures) - 3} more)" if len(failures) > 3 else "")
+        detail = first_failures(failures, 3)
         return CheckResult("b", title, FAIL, f"{numbers}; {len(failures)} differ", detail)
     return CheckResult("b", title, PASS, f"{numbers}; all identical")

@@ -29,6 +29,12 @@ class CheckResult:
         return self.status != FAIL
 
 
+def first_failures(failures: Sequence[str], shown: int) -> str:
+    """A FAIL's detail: the first `shown` failures, one per line, and how many more there were."""
+    more = f"\n(+{len(failures) - shown} more)" if len(failures) > shown else ""
+    return "\n".join(failures[:shown]) + more
+
+
 def all_hold(results: Sequence[CheckResult]) -> bool:
     return all(result.passed for result in results)
 
