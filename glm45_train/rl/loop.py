@@ -1,9 +1,9 @@
 """`run_rl(recipe)`: GRPO on the SFT machinery — rollouts, rewards, advantages, updates, checkpoints, metrics.
 
-One RL step: sync the policy's weights into the engine -> verify the engine on a probe (rl/probe.py) -> sample
-`group_size` responses for each of the step's `prompts_per_step` prompts -> score them -> group advantages ->
-logp_old (and the reference's) in forward-only passes -> `updates_per_step` optimizer updates, one per global
-batch of samples -> metrics -> checkpoint.
+One RL step: sync the policy's weights into the engine -> sample `group_size` responses for each of the step's
+`prompts_per_step` prompts, and the probe response -> verify the engine on the probe (rl/probe.py) -> score the
+responses -> group advantages -> logp_old (and the reference's) in forward-only passes -> `updates_per_step`
+optimizer updates, one per global batch of samples -> metrics -> checkpoint.
 
 Notable:
 - Shared, not copied: the trainer (model build, base weights, LoRA, DDP, optimizer, scheduler) is
@@ -91,11 +91,12 @@ def rl_step(run: RLRun, step: int, position: DataPosition) -> tuple[dict[str, An
     started = time.perf_counter()
     run.engine.wake()
     sync = run.sync_weights()
-    probe = verify_engine(run, step)
     synced = time.perf_counter()
     prompts, position = run.prompts.next_prompts(position)
-    samples = steps.rollout(run, step, prompts)
+    samples, probes = steps.rollout(run, step, prompts)
     rolled = time.perf_counter()
+    probe = verify_engine(run, step, probes)  # before anything is scored or trained
+    verified = time.perf_counter()
     samples, reward_metrics = steps.score(run, prompts, samples)
     run.engine.sleep()
     scored = time.perf_counter()
@@ -114,7 +115,7 @@ def rl_step(run: RLRun, step: int, position: DataPosition) -> tuple[dict[str, An
         **reward_metrics,
         **steps.sample_metrics(samples, batches),
         **steps.update_metrics(updates),
-        **steps.time_metrics(started, synced, rolled, scored, trained, samples, updates),
+        **steps.time_metrics((started, synced, rolled, verified, scored, trained), samples),
         **sync.metrics(),
         **probe,
     }

@@ -151,7 +151,7 @@ def build_rl_run(recipe: Recipe) -> RLRun:
         pad_id=_pad_id(tokenizer),
         reference=reference_for(recipe, trainer),
         sync=sync,
-        probe_ids=probe_prompt([prompt.ids for prompt in prompts], recipe.data.max_length),
+        probe_ids=probe_prompt([prompt.ids for prompt in prompts], recipe.data.max_length, rollout.max_new_tokens),
     )
 
 

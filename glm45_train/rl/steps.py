@@ -30,21 +30,29 @@ def sample_seed(seed: int, step: int, prompt: int) -> int:
     return int(np.random.SeedSequence([seed, step, prompt]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def rollout(run: Any, step: int, prompts: list[Any]) -> list[Sample]:
-    """Every response of the step, on every rank, ordered by (prompt, member)."""
+def rollout(run: Any, step: int, prompts: list[Any]) -> tuple[list[Sample], list[Sample]]:
+    """Every response of the step, on every rank, ordered by (prompt, member); and each engine's probe response
+    (rl/probe.py), in engine order, sampled in the same `generate` call."""
+    from glm45_train.rl.probe import probe_request
+
     owners, rank = run.engine_owners, dist.get_rank()
     group = run.recipe.rl.rollout.group_size
     mine = list(range(owners.index(rank), len(prompts), len(owners))) if rank in owners else []
     requests = [Request(prompts[i].ids, group, sample_seed(run.recipe.train.seed, step, i)) for i in mine]
-    completions = run.engine.generate(requests, run.params) if requests else []
-    local = [
-        Sample(i, j, prompts[i].ids, c.response_ids, c.logprobs, c.finished)
-        for i, group_completions in zip(mine, completions, strict=True)
-        for j, c in enumerate(group_completions)
-    ]
+    local: tuple[list[Sample], list[Sample]] = ([], [])
+    if rank in owners:
+        *completions, (probe,) = run.engine.generate([*requests, probe_request(run.probe_ids)], run.params)
+        local[0].extend(
+            Sample(i, j, prompts[i].ids, c.response_ids, c.logprobs, c.finished)
+            for i, group_completions in zip(mine, completions, strict=True)
+            for j, c in enumerate(group_completions)
+        )
+        local[1].append(Sample(owners.index(rank), 0, run.probe_ids, probe.response_ids, probe.logprobs, True))
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
-    return sorted((s for part in gathered for s in part), key=lambda s: (s.prompt, s.member))
+    samples = sorted((s for part in gathered for s in part[0]), key=lambda s: (s.prompt, s.member))
+    probes = sorted((s for part in gathered for s in part[1]), key=lambda s: s.prompt)
+    return samples, probes
 
 
 def score(run: Any, prompts: list[Any], samples: list[Sample]) -> tuple[list[Sample], dict[str, float]]:
@@ -175,16 +183,17 @@ def update_metrics(updates: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def time_metrics(
-    started: float, synced: float, rolled: float, scored: float, trained: float, samples: list[Sample], updates: list
-) -> dict[str, float]:
+def time_metrics(marks: tuple[float, ...], samples: list[Sample]) -> dict[str, float]:
+    """The step's split from its time marks: started, synced, rolled out, verified (the probe), scored, trained."""
+    started, synced, rolled, verified, scored, trained = marks
     generated = sum(len(s.response_ids) for s in samples)
     rows = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
     rollout_s, train_s, step_s = rolled - synced, trained - scored, trained - started
     return {
         "sync_seconds": synced - started,
+        "verify_seconds": verified - rolled,
         "rollout_seconds": rollout_s,
-        "reward_seconds": scored - rolled,
+        "reward_seconds": scored - verified,
         "train_seconds": train_s,
         "step_seconds": step_s,
         "rollout_tokens_per_s": generated / rollout_s if rollout_s > 0 else math.nan,

@@ -94,7 +94,8 @@ def main(tag: str, source: str, url: str, out_json: str) -> None:
     from glm45_train.config.layout import ParallelLayout
     from glm45_train.config.recipe import load_recipe
     from glm45_train.rl.engines.hf import HFEngine, model_assets_dir
-    from glm45_train.rl.probe import EngineMismatchError, probe_prompt, verify_engine
+    from glm45_train.rl.probe import EngineMismatchError, probe_prompt, probe_request, verify_engine
+    from glm45_train.rl.batches import Sample
     from glm45_train.rl.rollout import Request, SamplingParams
     from glm45_train.rl.setup import NullEngine
     from glm45_train.rl.weight_sync import SyncLayout, hf_weights
@@ -111,7 +112,7 @@ def main(tag: str, source: str, url: str, out_json: str) -> None:
     assets = model_assets_dir(source)
     engine = PlantedEngine.build(url, hf, out.parent / f"weights-{tag}") if rank == 0 else NullEngine()
     reference = HFEngine(assets) if rank == 0 else None
-    prompt = probe_prompt([tuple(range(100, 400))], recipe.data.max_length)
+    prompt = probe_prompt([tuple(range(100, 400))], recipe.data.max_length, 16)
     params = SamplingParams(1.0, 1.0, 16, STOP)
     run = SimpleNamespace(
         engine=engine, engine_owners=[0], params=params, probe_ids=prompt, trainer=trainer, recipe=recipe,
@@ -128,6 +129,16 @@ def main(tag: str, source: str, url: str, out_json: str) -> None:
             reference.update_weights(tensors.items())
             engine.update_weights((n, t) for n, t in tensors.items() if drop is None or drop not in n)
 
+    def probe_samples() -> list[Any]:
+        """The engine's probe response, gathered as the rollout gathers it (rl/steps.py)."""
+        local = []
+        if rank == 0:
+            (probe,) = engine.generate([probe_request(prompt)], params)[0]
+            local.append(Sample(0, 0, prompt, probe.response_ids, probe.logprobs, True))
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        return [s for part in gathered for s in part]
+
     def compare() -> dict[str, float]:
         """Rank 0: engine vs transformers on the engine's probe response; every rank: the production check."""
         row: dict[str, float] = {}
@@ -142,7 +153,7 @@ def main(tag: str, source: str, url: str, out_json: str) -> None:
             row["sensitivity"] = float((now - last[-1]).abs().max()) if last else 0.0
             last.append(now)
         try:
-            row["probe_gap_max"] = verify_engine(run, 0)["probe_gap_max"]
+            row["probe_gap_max"] = verify_engine(run, 0, probe_samples())["probe_gap_max"]
             row["caught"] = 0.0
         except EngineMismatchError:
             row["caught"] = 1.0
