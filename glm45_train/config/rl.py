@@ -50,10 +50,28 @@ class GrpoSection:
 
 
 @dataclass
+class DynamicSamplingSection:
+    enabled: bool = False  # DAPO: groups whose rewards are all equal are dropped and more prompts sampled
+    max_rounds: int = 3  # extra sampling rounds at most per step (verl: max_num_gen_batches)
+
+
+OVERLONG_MODES = ("none", "penalty", "filter")
+
+
+@dataclass
+class OverlongSection:
+    mode: str = "none"  # penalty: DAPO's soft penalty near max_new_tokens; filter: no loss on truncated responses
+    buffer: int = 0  # penalty: width of the soft zone before rl.rollout.max_new_tokens (DAPO: 4096 of 20480)
+    weight: float = 1.0  # penalty: its weight beside the other rewards
+
+
+@dataclass
 class RLSection:
     prompts_per_step: int = 4  # prompts per RL step (verl: data.train_batch_size)
     rollout: RolloutSection = field(default_factory=RolloutSection)
     grpo: GrpoSection = field(default_factory=GrpoSection)
+    dynamic_sampling: DynamicSamplingSection = field(default_factory=DynamicSamplingSection)
+    overlong: OverlongSection = field(default_factory=OverlongSection)
     rewards: list[Any] = field(default_factory=list)  # [{name, weight, args}]: built-in names or module:function
     max_reward_failure_fraction: float = 0.5  # one reward failing on more of a batch stops the run
     answer_field: str = "answer"  # the prompt field holding the reference answer
@@ -97,6 +115,7 @@ def check_rl_values(recipe: Any) -> None:
     if not 0 < rollout.max_new_tokens < recipe.data.max_length:
         fail("rl.rollout.max_new_tokens", f"must be in (0, data.max_length = {recipe.data.max_length})")
     _check_engine_values(recipe, fail)
+    _check_sampling_values(rl, fail)
     if not 0 < rollout.gpu_memory_fraction < 1:
         fail("rl.rollout.gpu_memory_fraction", "must be in (0, 1)")
     if rollout.tp < 1 or rollout.gpus < 0:
@@ -126,6 +145,20 @@ def check_rl_values(recipe: Any) -> None:
         fail("train.steps", "RL runs are counted in steps (train.epochs is for sft)")
     if recipe.train.mtp_loss_weight > 0:
         fail("train.mtp_loss_weight", "RL trains no MTP loss: set 0 (the MTP block is exported from the base)")
+
+
+def _check_sampling_values(rl: RLSection, fail: Any) -> None:
+    if rl.dynamic_sampling.max_rounds < 0:
+        fail("rl.dynamic_sampling.max_rounds", "must be >= 0")
+    overlong = rl.overlong
+    if overlong.mode not in OVERLONG_MODES:
+        fail("rl.overlong.mode", f"{overlong.mode!r} is not one of {', '.join(OVERLONG_MODES)}")
+    if overlong.mode == "penalty" and not 0 < overlong.buffer <= rl.rollout.max_new_tokens:
+        fail(
+            "rl.overlong.buffer",
+            f"the penalty's soft zone needs 0 < buffer <= rl.rollout.max_new_tokens ({rl.rollout.max_new_tokens}), "
+            f"got {overlong.buffer}",
+        )
 
 
 def _check_engine_values(recipe: Any, fail: Any) -> None:

@@ -4,7 +4,7 @@ Notable:
 - A sample's row is prompt ids + response ids, shifted for next-token training by data/'s own
   `shift_for_training` and padded by its `collate` (the CPU block-diagonal mask included), so a row is
   exactly what `sft` would train on for that text; the trained positions are the response tokens (the stop
-  token that ended a response included).
+  token that ended a response included), none for a sample marked untrained (overlong filtering).
 - Per-token tensors beside the batch, aligned with the labels: the sample's advantage on its response tokens,
   the engine's log-probs, and (filled by the trainer's forward-only passes) logp_old and the reference's.
 - One global batch = `train.global_batch_size` consecutive samples of the step; data-parallel rank r takes
@@ -35,6 +35,7 @@ class Sample:
     finished: bool
     reward: float = 0.0
     advantage: float = 0.0
+    trained: bool = True  # False: no loss on its tokens (rl.overlong.mode filter on a truncated response)
 
 
 @dataclass
@@ -54,7 +55,7 @@ def micro_batches(
     examples = [
         shift_for_training(
             [np.asarray(s.prompt_ids + s.response_ids, dtype=np.int64)],
-            [np.asarray([0] * len(s.prompt_ids) + [1] * len(s.response_ids), dtype=bool)],
+            [np.asarray([0] * len(s.prompt_ids) + [int(s.trained)] * len(s.response_ids), dtype=bool)],
             pad_id,
         )
         for s in samples

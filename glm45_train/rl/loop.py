@@ -31,7 +31,7 @@ from glm45_train.config.recipe import Recipe
 from glm45_train.config.rl import updates_per_step
 from glm45_train.rl import steps
 from glm45_train.rl.grpo import GrpoLoss
-from glm45_train.rl.probe import verify_engine
+from glm45_train.rl.sampling import sample_step
 from glm45_train.rl.setup import RLRun, build_rl_run
 from glm45_train.rl.train_step import logprob_pass, update
 from glm45_train.train import checkpoint
@@ -92,12 +92,8 @@ def rl_step(run: RLRun, step: int, position: DataPosition) -> tuple[dict[str, An
     run.engine.wake()
     sync = run.sync_weights()
     synced = time.perf_counter()
-    prompts, position = run.prompts.next_prompts(position)
-    samples, probes = steps.rollout(run, step, prompts)
-    rolled = time.perf_counter()
-    probe = verify_engine(run, step, probes)  # before anything is scored or trained
-    verified = time.perf_counter()
-    samples, reward_metrics = steps.score(run, prompts, samples)
+    sampled = sample_step(run, step, position)  # rollout rounds, probe check, rewards (rl/sampling.py)
+    samples, position = sampled.samples, sampled.position
     run.engine.sleep()
     scored = time.perf_counter()
     batches = steps.global_batches(run, samples)
@@ -112,11 +108,10 @@ def rl_step(run: RLRun, step: int, position: DataPosition) -> tuple[dict[str, An
     trained = time.perf_counter()
     assert len(updates) == updates_per_step(recipe)
     record = {
-        **reward_metrics,
+        **sampled.metrics,
         **steps.sample_metrics(samples, batches),
         **steps.update_metrics(updates),
-        **steps.time_metrics((started, synced, rolled, verified, scored, trained), samples),
+        **steps.time_metrics(synced - started, sampled.seconds, trained - scored, trained - started, samples),
         **sync.metrics(),
-        **probe,
     }
     return record, position

@@ -166,7 +166,12 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def reward_set(recipe: Recipe) -> RewardSet:
+    """The recipe's rewards; `rl.overlong.mode: penalty` adds the `length` reward (DAPO's soft overlong penalty)
+    at the rollout's limit, so the shaping has one implementation whichever way it is asked for."""
     specs = [RewardSpec.from_dict(_plain(entry), f"rl.rewards[{i}]") for i, entry in enumerate(recipe.rl.rewards)]
+    overlong, limit = recipe.rl.overlong, recipe.rl.rollout.max_new_tokens
+    if overlong.mode == "penalty":
+        specs.append(RewardSpec("length", overlong.weight, {"max_len": limit, "buffer": overlong.buffer}))
     return RewardSet(specs, max_failure_fraction=recipe.rl.max_reward_failure_fraction)
 
 

@@ -30,24 +30,30 @@ def sample_seed(seed: int, step: int, prompt: int) -> int:
     return int(np.random.SeedSequence([seed, step, prompt]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def rollout(run: Any, step: int, prompts: list[Any]) -> tuple[list[Sample], list[Sample]]:
-    """Every response of the step, on every rank, ordered by (prompt, member); and each engine's probe response
-    (rl/probe.py), in engine order, sampled in the same `generate` call."""
+def rollout(
+    run: Any, step: int, prompts: list[Any], offset: int = 0, probe: bool = True
+) -> tuple[list[Sample], list[Sample]]:
+    """Every response of these prompts, on every rank, ordered by (prompt, member); and with `probe` each engine's
+    probe response (rl/probe.py), in engine order, sampled in the same `generate` call. `offset` numbers the
+    prompts for their seeds (a later round of dynamic sampling continues the step's numbering)."""
     from glm45_train.rl.probe import probe_request
 
     owners, rank = run.engine_owners, dist.get_rank()
-    group = run.recipe.rl.rollout.group_size
+    group, seed = run.recipe.rl.rollout.group_size, run.recipe.train.seed
     mine = list(range(owners.index(rank), len(prompts), len(owners))) if rank in owners else []
-    requests = [Request(prompts[i].ids, group, sample_seed(run.recipe.train.seed, step, i)) for i in mine]
+    requests = [Request(prompts[i].ids, group, sample_seed(seed, step, offset + i)) for i in mine]
     local: tuple[list[Sample], list[Sample]] = ([], [])
     if rank in owners:
-        *completions, (probe,) = run.engine.generate([*requests, probe_request(run.probe_ids)], run.params)
+        extra = [probe_request(run.probe_ids)] if probe else []
+        completions = run.engine.generate([*requests, *extra], run.params)
+        if probe:
+            (answer,) = completions.pop()
+            local[1].append(Sample(owners.index(rank), 0, run.probe_ids, answer.response_ids, answer.logprobs, True))
         local[0].extend(
             Sample(i, j, prompts[i].ids, c.response_ids, c.logprobs, c.finished)
             for i, group_completions in zip(mine, completions, strict=True)
             for j, c in enumerate(group_completions)
         )
-        local[1].append(Sample(owners.index(rank), 0, run.probe_ids, probe.response_ids, probe.logprobs, True))
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
     samples = sorted((s for part in gathered for s in part[0]), key=lambda s: (s.prompt, s.member))
@@ -183,17 +189,18 @@ def update_metrics(updates: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def time_metrics(marks: tuple[float, ...], samples: list[Sample]) -> dict[str, float]:
-    """The step's split from its time marks: started, synced, rolled out, verified (the probe), scored, trained."""
-    started, synced, rolled, verified, scored, trained = marks
+def time_metrics(
+    sync_s: float, seconds: dict[str, float], train_s: float, step_s: float, samples: list[Sample]
+) -> dict[str, float]:
+    """The step's split: weight sync, rollout, engine verification (the probe), rewards, training."""
     generated = sum(len(s.response_ids) for s in samples)
     rows = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-    rollout_s, train_s, step_s = rolled - synced, trained - scored, trained - started
+    rollout_s = seconds["rollout"]
     return {
-        "sync_seconds": synced - started,
-        "verify_seconds": verified - rolled,
+        "sync_seconds": sync_s,
+        "verify_seconds": seconds["verify"],
         "rollout_seconds": rollout_s,
-        "reward_seconds": scored - verified,
+        "reward_seconds": seconds["reward"],
         "train_seconds": train_s,
         "step_seconds": step_s,
         "rollout_tokens_per_s": generated / rollout_s if rollout_s > 0 else math.nan,
