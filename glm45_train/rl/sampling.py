@@ -30,7 +30,7 @@ import numpy as np
 
 from glm45_train.rl import steps
 from glm45_train.rl.batches import Sample
-from glm45_train.rl.probe import verify_engine
+from glm45_train.rl.probe import probe_request, verify_engine
 from glm45_train.train.batches import DataPosition
 
 
@@ -55,7 +55,8 @@ def sample_step(run: Any, step: int, position: DataPosition) -> StepSamples:
     for round_index in range(rounds):
         prompts, position = run.prompts.next_prompts(position)
         started = time.perf_counter()
-        samples, probes = steps.rollout(run, step, prompts, offset=round_index * per_step, probe=round_index == 0)
+        probe = probe_request(run.probe_ids) if round_index == 0 else None
+        samples, probes = steps.rollout(run, step, prompts, offset=round_index * per_step, probe=probe)
         seconds["rollout"] += time.perf_counter() - started
         if round_index == 0:
             started = time.perf_counter()

@@ -31,24 +31,21 @@ def sample_seed(seed: int, step: int, prompt: int) -> int:
 
 
 def rollout(
-    run: Any, step: int, prompts: list[Any], offset: int = 0, probe: bool = True
+    run: Any, step: int, prompts: list[Any], offset: int = 0, probe: Request | None = None
 ) -> tuple[list[Sample], list[Sample]]:
-    """Every response of these prompts, on every rank, ordered by (prompt, member); and with `probe` each engine's
-    probe response (rl/probe.py), in engine order, sampled in the same `generate` call. `offset` numbers the
-    prompts for their seeds (a later round of dynamic sampling continues the step's numbering)."""
-    from glm45_train.rl.probe import probe_request
-
+    """Every response of these prompts, on every rank, ordered by (prompt, member); and with a `probe` request each
+    engine's answer to it (rl/probe.py), in engine order, sampled in the same `generate` call. `offset` numbers
+    the prompts for their seeds (a later round of dynamic sampling continues the step's numbering)."""
     owners, rank = run.engine_owners, dist.get_rank()
     group, seed = run.recipe.rl.rollout.group_size, run.recipe.train.seed
     mine = list(range(owners.index(rank), len(prompts), len(owners))) if rank in owners else []
     requests = [Request(prompts[i].ids, group, sample_seed(seed, step, offset + i)) for i in mine]
     local: tuple[list[Sample], list[Sample]] = ([], [])
     if rank in owners:
-        extra = [probe_request(run.probe_ids)] if probe else []
-        completions = run.engine.generate([*requests, *extra], run.params)
+        completions = run.engine.generate([*requests, *([probe] if probe else [])], run.params)
         if probe:
             (answer,) = completions.pop()
-            local[1].append(Sample(owners.index(rank), 0, run.probe_ids, answer.response_ids, answer.logprobs, True))
+            local[1].append(Sample(owners.index(rank), 0, probe.prompt_ids, answer.response_ids, answer.logprobs, True))
         local[0].extend(
             Sample(i, j, prompts[i].ids, c.response_ids, c.logprobs, c.finished)
             for i, group_completions in zip(mine, completions, strict=True)
