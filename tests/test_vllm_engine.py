@@ -153,3 +153,22 @@ def test_engine_processes_start_without_torchrun_variables_on_their_own_core():
 def test_the_cpu_build_is_found_with_its_platform_suffix():
     version = installed_version()
     assert version is not None and version.endswith("+cpu")
+
+
+@needs_vllm
+def test_server_flags_mean_what_the_in_process_arguments_mean():
+    """Both placements start vLLM alike: the server's flags, read back by vLLM's own parser, give the in-process
+    engine's arguments; a False switch is said (`--no-enable-chunked-prefill`), not left to vLLM's default (chunked
+    prefill on, which crashed a server placement run once a step's batch outgrew one step's token budget)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from glm45_train.rl.engines.vllm import as_cli_flags
+
+    recipe = load_recipe(RECIPE, ["model.source=unused"])
+    args = engine_args(torch.float32, 0, recipe.data.max_length, recipe.rl.rollout)
+    parsed = EngineArgs.add_cli_args(FlexibleArgumentParser()).parse_args(["--model", "m", *as_cli_flags(args)])
+    for key, value in args.items():
+        assert getattr(parsed, key) == value, key
+    if not torch.cuda.is_available():
+        assert args["enable_chunked_prefill"] is False and "--no-enable-chunked-prefill" in as_cli_flags(args)

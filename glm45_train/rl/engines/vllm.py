@@ -79,14 +79,15 @@ def engine_args(dtype: torch.dtype, seed: int, max_model_len: int, rollout: Any)
 
 
 def as_cli_flags(args: dict[str, Any]) -> list[str]:
-    """`engine_args` as `vllm serve` flags."""
+    """`engine_args` as `vllm serve` flags; a False switch is said (`--no-...`), never left to vLLM's default:
+    leaving out `enable_chunked_prefill=False` would start the server with chunked prefill on (row 4's crash)."""
     flags = []
     for key, value in args.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            flags.append(flag)
-        elif value is not False:
-            flags += [flag, str(value)]
+        name = key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            flags += [f"--{name}", str(value)]
     return flags
 
 
