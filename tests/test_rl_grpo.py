@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from glm45_train.rl.grpo import GrpoLoss, group_advantages, policy_loss, token_logprobs, vocab_parallel_entropy
+from glm45_train.rl.grpo import group_advantages, token_logprobs, vocab_parallel_entropy
+from glm45_train.rl.losses import LossSpec, TokenTerms, policy_loss
+
+
+def GrpoLoss(clip_low, clip_high, kl_coeff, policy_loss, temperature):
+    return LossSpec("grpo", clip_low, clip_high, kl_coeff, policy_loss, temperature)
 
 
 def test_group_advantages_normalise_within_each_group():
@@ -35,8 +40,10 @@ LOSS = GrpoLoss(clip_low=0.2, clip_high=0.28, kl_coeff=0.0, policy_loss=True, te
 def _loss(logp, old, adv, ref=None, loss=LOSS):
     logp = torch.tensor(logp, requires_grad=True)
     mask = torch.ones_like(logp)
-    total, sums = policy_loss(loss, logp, torch.tensor(old), None if ref is None else torch.tensor(ref),
-                              torch.tensor(adv), mask)  # fmt: skip
+    segments = torch.arange(logp.shape[0]).view(-1, 1).expand_as(logp)
+    terms = TokenTerms(logp, torch.tensor(old), torch.tensor(adv), mask, segments,
+                       None if ref is None else torch.tensor(ref))  # fmt: skip
+    total, _count, sums = policy_loss(loss, terms)
     total.backward()
     return total.item(), logp.grad, sums
 

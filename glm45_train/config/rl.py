@@ -49,6 +49,30 @@ class GrpoSection:
     policy_loss: bool = True  # false trains on the KL term only (a negative control for tests)
 
 
+LOSSES = ("grpo", "gspo")  # rl/losses: the registered policy losses
+CORRECTION_MODES = ("none", "tis", "mis")
+CORRECTION_LEVELS = ("token", "sequence", "geometric")
+ROUTING_REPLAY = ("none", "rollout")
+
+
+@dataclass
+class GspoSection:
+    clip_low: float = 3e-4  # the sequence ratio clipped to [1 - clip_low, 1 + clip_high] (GSPO paper: 3e-4, 4e-4)
+    clip_high: float = 4e-4
+
+
+@dataclass
+class CorrectionSection:
+    """Train/inference mismatch: the engine's log-probs (pi_engine) are not the trainer's (pi_old)."""
+
+    mode: str = "none"  # tis: weight min(pi_old / pi_engine, tis_cap) (slime --use-tis); mis: mask outside the range
+    level: str = "token"  # token | sequence (product of the ratios) | geometric (their geometric mean)
+    tis_cap: float = 2.0  # TIS's truncation C (slime, verl: 2.0)
+    mis_low: float = 0.5  # MIS keeps ratios in [mis_low, mis_high] (verl rollout_rs thresholds)
+    mis_high: float = 2.0
+    veto_logprob: float | None = None  # a sequence holding a token the engine gave log-prob < this is not trained
+
+
 @dataclass
 class DynamicSamplingSection:
     enabled: bool = False  # DAPO: groups whose rewards are all equal are dropped and more prompts sampled
@@ -70,6 +94,10 @@ class RLSection:
     prompts_per_step: int = 4  # prompts per RL step (verl: data.train_batch_size)
     rollout: RolloutSection = field(default_factory=RolloutSection)
     grpo: GrpoSection = field(default_factory=GrpoSection)
+    loss: str = "grpo"  # grpo: token-level ratio (rl.grpo's clip); gspo: sequence-level ratio (rl.gspo's clip)
+    gspo: GspoSection = field(default_factory=GspoSection)
+    correction: CorrectionSection = field(default_factory=CorrectionSection)
+    routing_replay: str = "none"  # rollout: the engine's expert choices replayed in the trainer (R3)
     dynamic_sampling: DynamicSamplingSection = field(default_factory=DynamicSamplingSection)
     overlong: OverlongSection = field(default_factory=OverlongSection)
     rewards: list[Any] = field(default_factory=list)  # [{name, weight, args}]: built-in names or module:function
@@ -116,6 +144,7 @@ def check_rl_values(recipe: Any) -> None:
         fail("rl.rollout.max_new_tokens", f"must be in (0, data.max_length = {recipe.data.max_length})")
     _check_engine_values(recipe, fail)
     _check_sampling_values(rl, fail)
+    _check_loss_values(rl, fail)
     if not 0 < rollout.gpu_memory_fraction < 1:
         fail("rl.rollout.gpu_memory_fraction", "must be in (0, 1)")
     if rollout.tp < 1 or rollout.gpus < 0:
@@ -143,6 +172,12 @@ def check_rl_values(recipe: Any) -> None:
         )
     if recipe.train.steps is None:
         fail("train.steps", "RL runs are counted in steps (train.epochs is for sft)")
+    if rl.routing_replay == "rollout" and recipe.train.recompute == "full":
+        fail(
+            "rl.routing_replay",
+            "replaying the engine's routing needs the MoE layers to run once per forward: use train.recompute "
+            "none or selective (full recomputation re-routes in the backward pass)",
+        )
     if recipe.train.mtp_loss_weight > 0:
         fail("train.mtp_loss_weight", "RL trains no MTP loss: set 0 (the MTP block is exported from the base)")
 
@@ -159,6 +194,26 @@ def _check_sampling_values(rl: RLSection, fail: Any) -> None:
             f"the penalty's soft zone needs 0 < buffer <= rl.rollout.max_new_tokens ({rl.rollout.max_new_tokens}), "
             f"got {overlong.buffer}",
         )
+
+
+def _check_loss_values(rl: RLSection, fail: Any) -> None:
+    def choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+        if value not in allowed:
+            fail(key, f"{value!r} is not one of {', '.join(allowed)}")
+
+    choice("rl.loss", rl.loss, LOSSES)
+    choice("rl.routing_replay", rl.routing_replay, ROUTING_REPLAY)
+    correction = rl.correction
+    choice("rl.correction.mode", correction.mode, CORRECTION_MODES)
+    choice("rl.correction.level", correction.level, CORRECTION_LEVELS)
+    if not 0 < rl.gspo.clip_low < 1 or not rl.gspo.clip_high > 0:
+        fail("rl.gspo.clip_low", "GSPO's clip range needs 0 < clip_low < 1 and clip_high > 0")
+    if not correction.tis_cap >= 1:
+        fail("rl.correction.tis_cap", f"must be >= 1 (a cap below 1 shrinks every token), got {correction.tis_cap}")
+    if not 0 <= correction.mis_low < 1 < correction.mis_high:
+        fail("rl.correction.mis_low", "MIS's range needs 0 <= mis_low < 1 < mis_high")
+    if correction.veto_logprob is not None and not correction.veto_logprob < 0:
+        fail("rl.correction.veto_logprob", f"a log-probability threshold: must be < 0, got {correction.veto_logprob}")
 
 
 def _check_engine_values(recipe: Any, fail: Any) -> None:

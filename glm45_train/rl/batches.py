@@ -45,6 +45,9 @@ class MicroBatch:
     engine_logp: torch.Tensor  # [b, s] float32
     old_logp: torch.Tensor | None = None  # [b, s], set by the trainer before the first update
     ref_logp: torch.Tensor | None = None  # [b, s], set when a reference is used
+    weights: torch.Tensor | None = None  # [b, s], rollout correction's importance weights (rl/correction.py)
+    keep: torch.Tensor | None = None  # [b, s], rollout correction's mask (0: no loss on the token)
+    routing: torch.Tensor | None = None  # [b, s, moe layers, top-k] the engine's experts (rl/routing_replay.py)
     samples: list[Sample] = field(default_factory=list)
 
 

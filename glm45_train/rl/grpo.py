@@ -1,10 +1,9 @@
-"""GRPO's arithmetic: group-normalised advantages and the clipped token-level policy loss with optional k3 KL.
+"""GRPO's arithmetic around the loss: group-normalised advantages, token log-probs and entropy at any TP size.
 
     A_i      = (r_i - mean(r_group)) / (std(r_group) + eps)      (std_normalize false: r_i - mean, Dr.GRPO)
-    ratio_t  = exp(logp_t - logp_old_t)
-    pg_t     = max(-A ratio_t, -A clip(ratio_t, 1 - clip_low, 1 + clip_high))   (DAPO's clip-higher)
-    kl_t     = exp(ref_t - logp_t) - (ref_t - logp_t) - 1                        (k3, >= 0, unbiased for KL)
-    loss     = sum_t (pg_t + kl_coeff kl_t) / (response tokens of the global batch)
+
+The policy loss itself (GRPO's token ratio or GSPO's sequence ratio, the k3 KL, the rollout correction's
+weights) is rl/losses.
 
 Notable:
 - Aggregation: token-mean over the whole global batch (DAPO's choice; what `calculate_per_token_loss` gives in
@@ -22,7 +21,6 @@ Notable:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -45,15 +43,6 @@ def group_advantages(rewards: np.ndarray, failed: np.ndarray, std_normalize: boo
             centred = centred / (values.std(ddof=1) + EPS)
         advantages[row, scored] = centred
     return advantages
-
-
-@dataclass(frozen=True)
-class GrpoLoss:
-    clip_low: float
-    clip_high: float
-    kl_coeff: float
-    policy_loss: bool
-    temperature: float
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -79,35 +68,6 @@ def vocab_parallel_entropy(logits: torch.Tensor, temperature: float) -> torch.Te
     sums = torch.stack([weights.sum(-1), (weights * shifted).sum(-1)])
     dist.all_reduce(sums, group=group)
     return sums[0].log() - sums[1] / sums[0]
-
-
-def policy_loss(
-    loss: GrpoLoss,
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    ref_logp: torch.Tensor | None,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(sum of per-token losses over `mask`, sums of the logged terms); all tensors [b, s]."""
-    ratio = torch.exp(logp - old_logp)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - loss.clip_low, 1.0 + loss.clip_high)
-    pg = torch.maximum(unclipped, clipped)
-    per_token = pg if loss.policy_loss else torch.zeros_like(pg)
-    kl = torch.zeros_like(pg)
-    if ref_logp is not None:
-        log_ratio = ref_logp - logp
-        kl = torch.exp(log_ratio) - log_ratio - 1.0
-        per_token = per_token + loss.kl_coeff * kl
-    total = (per_token * mask).sum()
-    sums = {
-        "pg": (pg.detach() * mask).sum(),
-        "kl": (kl.detach() * mask).sum(),
-        "clipped": ((clipped > unclipped).float() * mask).sum(),
-        "ratio": (ratio.detach() * mask).sum(),
-    }
-    return total, sums
 
 
 def mean_of(sums: dict[str, float], key: str) -> float:

@@ -30,7 +30,8 @@ import torch.distributed as dist
 from glm45_train.config.recipe import Recipe
 from glm45_train.config.rl import updates_per_step
 from glm45_train.rl import steps
-from glm45_train.rl.grpo import GrpoLoss
+from glm45_train.rl.correction import CorrectionSpec, correct_step
+from glm45_train.rl.losses import loss_spec
 from glm45_train.rl.sampling import sample_step
 from glm45_train.rl.setup import RLRun, build_rl_run
 from glm45_train.rl.train_step import logprob_pass, update
@@ -102,14 +103,15 @@ def rl_step(run: RLRun, step: int, position: DataPosition) -> tuple[dict[str, An
         logprob_pass(trainer, micro, temperature)
         if run.reference is not None:
             logprob_pass(trainer, micro, temperature, reference=run.reference)
-    grpo = recipe.rl.grpo
-    loss = GrpoLoss(grpo.clip_low, grpo.clip_high, grpo.kl_coeff, grpo.policy_loss, temperature)
+    correction = correct_step(CorrectionSpec.of(recipe.rl.correction), [m for batch in batches for m in batch])
+    loss = loss_spec(recipe.rl)
     updates = [update(trainer, micro, loss) for micro in batches]
     trained = time.perf_counter()
     assert len(updates) == updates_per_step(recipe)
     record = {
         **sampled.metrics,
         **steps.sample_metrics(samples, batches),
+        **correction,
         **steps.update_metrics(updates),
         **steps.time_metrics(synced - started, sampled.seconds, trained - scored, trained - started, samples),
         **sync.metrics(),

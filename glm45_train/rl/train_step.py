@@ -4,7 +4,8 @@ Notable:
 - The same machinery as `sft` (train/loop.py): `get_forward_backward_func()` over this rank's micro-batches,
   `calculate_per_token_loss` (token-mean over the global batch), Megatron's DDP, optimizer and scheduler
   (`optimizer_step`). Only the forward step and the loss differ: the model returns logits (no labels), and the
-  loss function takes log-probs with the vocab-parallel cross entropy (rl/grpo.py).
+  loss function takes log-probs with the vocab-parallel cross entropy (rl/grpo.py) and hands them to the
+  recipe's policy loss (rl/losses), with the rollout correction's weights and mask (rl/correction.py).
 - `logprob_pass` is forward-only; it fills each micro-batch's `old_logp` (the policy now) or, with
   `reference=True`, `ref_logp`: for LoRA the same model with its adapters disabled (no second copy of the
   weights), for full training the frozen reference model given. Log-probs exist on the last pipeline stage
@@ -23,7 +24,8 @@ from typing import Any
 import torch
 
 from glm45_train.rl.batches import MicroBatch
-from glm45_train.rl.grpo import STATS, GrpoLoss, policy_loss, token_logprobs, vocab_parallel_entropy
+from glm45_train.rl.grpo import STATS, token_logprobs, vocab_parallel_entropy
+from glm45_train.rl.losses import LossSpec, TokenTerms, policy_loss
 from glm45_train.train.loop import as_thd, optimizer_step, run_schedule, sum_records
 from glm45_train.train.setup import Trainer
 
@@ -31,7 +33,15 @@ _on_gpu = torch.cuda.is_available
 
 
 def _inputs(micro: MicroBatch) -> tuple[Any, Any, dict[str, torch.Tensor | None]]:
-    extras = {"advantages": micro.advantages, "old_logp": micro.old_logp, "ref_logp": micro.ref_logp}
+    rows, length = micro.advantages.shape
+    extras = {
+        "advantages": micro.advantages,
+        "old_logp": micro.old_logp,
+        "ref_logp": micro.ref_logp,
+        "weights": micro.weights,
+        "keep": micro.keep,
+        "segments": torch.arange(rows).view(-1, 1).expand(rows, length),
+    }
     if not _on_gpu():
         return micro.batch, None, extras
     batch, packed = as_thd(micro.batch)
@@ -57,18 +67,26 @@ def _logp_step(temperature: float, data_iterator: Any, model: Any) -> tuple[torc
     return logits, loss_func
 
 
-def _grpo_step(loss: GrpoLoss, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
+def _policy_step(loss: LossSpec, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
     micro: MicroBatch = next(data_iterator)
     logits, (batch, extras) = _forward(micro, model)
 
     def loss_func(output: torch.Tensor):
-        mask = batch.loss_mask
-        logp = token_logprobs(output, batch.labels, loss.temperature)
         old = extras["old_logp"]
         assert old is not None, "logprob_pass must fill old_logp before an update"
-        total, sums = policy_loss(loss, logp, old, extras["ref_logp"], extras["advantages"], mask)
+        terms = TokenTerms(
+            token_logprobs(output, batch.labels, loss.temperature),
+            old,
+            extras["advantages"],
+            batch.loss_mask,
+            extras["segments"],
+            extras["ref_logp"],
+            extras["weights"],
+            extras["keep"],
+        )
+        total, count, sums = policy_loss(loss, terms)
+        mask = batch.loss_mask if terms.keep is None else batch.loss_mask * terms.keep
         entropy = (vocab_parallel_entropy(output, loss.temperature) * mask).sum()
-        count = mask.sum()
         stats = {"loss": total.detach(), **sums, "entropy": entropy, "tokens": count}
         return total, count.to(torch.int), {"grpo": torch.stack([stats[k].float().cpu() for k in STATS])}
 
@@ -105,12 +123,12 @@ def logprob_pass(trainer: Trainer, micro: list[MicroBatch], temperature: float, 
             batch.ref_logp = logp
 
 
-def update(trainer: Trainer, micro: list[MicroBatch], loss: GrpoLoss) -> dict[str, float]:
+def update(trainer: Trainer, micro: list[MicroBatch], loss: LossSpec) -> dict[str, float]:
     """One optimizer update on one global batch; the stats summed over every rank, then lr and grad norm."""
     started = time.perf_counter()
     trainer.model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
-    records = _schedule(trainer, functools.partial(_grpo_step, loss), micro, forward_only=False)
+    records = _schedule(trainer, functools.partial(_policy_step, loss), micro, forward_only=False)
     totals = sum_records(records, "grpo", len(STATS))
     lr, grad_norm = optimizer_step(trainer)
     sums = dict(zip(STATS, totals.tolist(), strict=True))
