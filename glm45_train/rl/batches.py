@@ -5,6 +5,7 @@ Notable:
   `shift_for_training` and padded by its `collate` (the CPU block-diagonal mask included), so a row is
   exactly what `sft` would train on for that text; the trained positions are the response tokens (the stop
   token that ended a response included), none for a sample marked untrained (overlong filtering).
+- With routing replay the engine's expert choices ride along per input position ([b, s, MoE layers, top-k]).
 - Per-token tensors beside the batch, aligned with the labels: the sample's advantage on its response tokens,
   the engine's log-probs, and (filled by the trainer's forward-only passes) logp_old and the reference's.
 - One global batch = `train.global_batch_size` consecutive samples of the step; data-parallel rank r takes
@@ -36,6 +37,7 @@ class Sample:
     reward: float = 0.0
     advantage: float = 0.0
     trained: bool = True  # False: no loss on its tokens (rl.overlong.mode filter on a truncated response)
+    routing: np.ndarray | None = field(default=None, compare=False)  # the engine's experts (rl/rollout.py)
 
 
 @dataclass
@@ -82,4 +84,25 @@ def _with_per_token(samples: list[Sample], batch: Batch) -> MicroBatch:
         last = first + len(sample.response_ids)
         advantages[row, first:last] = sample.advantage
         engine_logp[row, first:last] = torch.tensor(sample.engine_logprobs, dtype=torch.float32)
-    return MicroBatch(batch, advantages, engine_logp, samples=samples)
+    micro = MicroBatch(batch, advantages, engine_logp, samples=samples)
+    if samples and samples[0].routing is not None:
+        micro.routing = _routing(samples, batch.tokens.shape[1])
+    return micro
+
+
+def _routing(samples: list[Sample], length: int) -> torch.Tensor:
+    """[b, s, MoE layers, top-k] int64: row r, position p = the experts the engine chose for input token p of
+    sample r (its prompt, then its response but the last token); padding gets experts 0 .. k-1 (unused)."""
+    first = samples[0].routing
+    assert first is not None
+    layers, top_k = first.shape[1:]
+    out = torch.arange(top_k, dtype=torch.int64).expand(len(samples), length, layers, top_k).clone()
+    for row, sample in enumerate(samples):
+        routing = sample.routing
+        expected = len(sample.prompt_ids) + len(sample.response_ids) - 1
+        if routing is None or routing.shape != (expected, layers, top_k):
+            got = None if routing is None else routing.shape
+            raise RuntimeError(f"routing replay: sample {sample.prompt}/{sample.member} has routing {got}, "
+                               f"expected {(expected, layers, top_k)} (prompt + response - 1 tokens)")  # fmt: skip
+        out[row, :expected] = torch.from_numpy(routing.astype(np.int64))
+    return out

@@ -3,7 +3,9 @@
 One RL step: sync the policy's weights into the engine -> sample `group_size` responses for each of the step's
 `prompts_per_step` prompts, and the probe response -> verify the engine on the probe (rl/probe.py) -> score the
 responses -> group advantages -> logp_old (and the reference's) in forward-only passes -> `updates_per_step`
-optimizer updates, one per global batch of samples -> metrics -> checkpoint.
+optimizer updates, one per global batch of samples -> metrics -> checkpoint. The recipe chooses the policy loss
+(rl/losses), the rollout correction (rl/correction.py) and whether the engine's routing is replayed
+(rl/routing_replay.py).
 
 Notable:
 - Shared, not copied: the trainer (model build, base weights, LoRA, DDP, optimizer, scheduler) is
@@ -99,19 +101,22 @@ def rl_step(run: RLRun, step: int, position: DataPosition) -> tuple[dict[str, An
     scored = time.perf_counter()
     batches = steps.global_batches(run, samples)
     temperature = recipe.rl.rollout.temperature
+    replay = run.replay  # the engine's routing replayed in every trainer pass (rl/routing_replay.py), or None
     for micro in batches:  # logp_old for every update of the step before the first one
-        logprob_pass(trainer, micro, temperature)
+        logprob_pass(trainer, micro, temperature, replay=replay)
         if run.reference is not None:
-            logprob_pass(trainer, micro, temperature, reference=run.reference)
+            logprob_pass(trainer, micro, temperature, reference=run.reference, replay=replay)
+    routing = {"routing_agreement": replay.agreement()} if replay is not None else {}
     correction = correct_step(CorrectionSpec.of(recipe.rl.correction), [m for batch in batches for m in batch])
     loss = loss_spec(recipe.rl)
-    updates = [update(trainer, micro, loss) for micro in batches]
+    updates = [update(trainer, micro, loss, replay) for micro in batches]
     trained = time.perf_counter()
     assert len(updates) == updates_per_step(recipe)
     record = {
         **sampled.metrics,
         **steps.sample_metrics(samples, batches),
         **correction,
+        **routing,
         **steps.update_metrics(updates),
         **steps.time_metrics(synced - started, sampled.seconds, trained - scored, trained - started, samples),
         **sync.metrics(),

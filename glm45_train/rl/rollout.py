@@ -10,6 +10,8 @@ Notable:
   the response ran into max_new_tokens.
 - Every request carries its own seed: a response depends on (weights, prompt, seed) only, not on which rank or
   batch it was sampled in, so a resumed run samples exactly what the uninterrupted run sampled.
+- With `rl.routing_replay: rollout` a completion also carries the experts the engine routed every token to
+  (`routing`), in HF layer order of the MoE layers: the trainer replays them (rl/routing_replay.py).
 - Weights arrive as HF-named full tensors (rl/weight_sync.py, through the converters' mapping table), the
   names `export --to-hf` writes: engines load them as they would load an exported checkpoint.
 """
@@ -17,9 +19,10 @@ Notable:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
 
@@ -43,6 +46,29 @@ class Completion:
     response_ids: tuple[int, ...]
     logprobs: tuple[float, ...]  # one per response token, at the sampling temperature
     finished: bool  # ended on a stop token (included in response_ids)
+    # with routing replay (rl/routing_replay.py): the experts each MoE layer chose for every token the engine ran,
+    # the prompt and every response token but the last: [prompt + response - 1, MoE layers, top-k], sorted per token
+    routing: np.ndarray | None = field(default=None, compare=False)
+
+
+def routing_dtype(experts: int) -> type:
+    """The smallest integer type holding an expert id (GLM-4.5's 160 and Air's 128 experts: one byte)."""
+    return np.uint8 if experts <= 256 else np.int16
+
+
+def engine_routing(routed: np.ndarray, tokens: int, num_layers: int, first_moe_layer: int, experts: int) -> np.ndarray:
+    """An engine's routed-experts record ([tokens run, layers, top-k], every layer or the MoE layers only: vLLM's
+    `routed_experts`, SGLang's decoded `meta_info`) as a Completion's `routing`: the MoE layers, `tokens` rows
+    (prompt + response - 1), sorted per token; an error naming the shapes when it is not that."""
+    moe_layers = num_layers - first_moe_layer
+    if routed.ndim != 3 or routed.shape[0] < tokens or routed.shape[1] not in (num_layers, moe_layers):
+        raise RuntimeError(
+            f"the engine's routed experts have shape {routed.shape}; expected [>= {tokens} tokens, "
+            f"{num_layers} or {moe_layers} layers, top-k]"
+        )
+    if routed.shape[1] == num_layers and num_layers != moe_layers:
+        routed = routed[:, first_moe_layer:]
+    return np.sort(routed[:tokens], axis=-1).astype(routing_dtype(experts))
 
 
 def by_request(completions: Sequence[Completion], requests: Sequence[Request]) -> list[list[Completion]]:

@@ -95,6 +95,7 @@ class RLRun:
     reference: Any  # None | "adapters" | a frozen model holder with `.model`
     sync: Any  # rl/weight_sync.py's layout
     probe_ids: tuple[int, ...]  # rl/probe.py's fixed prompt
+    replay: Any = None  # rl/routing_replay.py's RoutingReplay with rl.routing_replay: rollout
 
     def sync_weights(self) -> Any:
         """The policy's weights into the engine (a collective: every rank, every step); the sync's summary."""
@@ -152,7 +153,16 @@ def build_rl_run(recipe: Recipe) -> RLRun:
         reference=reference_for(recipe, trainer),
         sync=sync,
         probe_ids=probe_prompt([prompt.ids for prompt in prompts], recipe.data.max_length, rollout.max_new_tokens),
+        replay=routing_replay_for(recipe, trainer),
     )
+
+
+def routing_replay_for(recipe: Recipe, trainer: Trainer) -> Any:
+    if recipe.rl.routing_replay == "none":
+        return None
+    from glm45_train.rl.routing_replay import RoutingReplay
+
+    return RoutingReplay([trainer.model], trainer.hf.first_k_dense_replace, bool(trainer.config.sequence_parallel))
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -232,12 +242,15 @@ def make_engine(recipe: Recipe) -> tuple[RolloutEngine, list[int]]:
     from glm45_train.rl.engines.hf import model_assets_dir
 
     assets = model_assets_dir(recipe.model.source)
+    record = recipe.rl.routing_replay == "rollout"
     if kind == "hf":
         from glm45_train.rl.engines.hf import HFEngine
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        return HFEngine(assets, dtype=engine_dtype(recipe), device=device), list(range(world))
+        engine = HFEngine(assets, dtype=engine_dtype(recipe), device=device, record_routing=record)
+        return engine, list(range(world))
     if kind == "vllm":
+        _check_vllm_routing(recipe)
         return _vllm_engine(recipe, assets, rank, world)
     if not torch.cuda.is_available():
         raise UserError("key 'rl.rollout.engine': sglang needs GPUs; `hf` and `vllm` run everywhere")
@@ -246,7 +259,26 @@ def make_engine(recipe: Recipe) -> tuple[RolloutEngine, list[int]]:
         return NullEngine(), owners
     from glm45_train.rl.engines.sglang import SGLangEngine
 
-    return SGLangEngine(assets, rollout, seed=recipe.train.seed, run_dir=Path(recipe.checkpoint.dir)), owners
+    run_dir = Path(recipe.checkpoint.dir)
+    return SGLangEngine(assets, rollout, seed=recipe.train.seed, run_dir=run_dir, record_routing=record), owners
+
+
+def _check_vllm_routing(recipe: Recipe) -> None:
+    """vLLM 0.32 returns routed experts (`enable_return_routed_experts`) from its GPU model runner only, and our
+    wiring reads them from the offline engine's outputs."""
+    if recipe.rl.routing_replay != "rollout":
+        return
+    if not torch.cuda.is_available():
+        raise UserError(
+            "key 'rl.routing_replay': vLLM's CPU build cannot return the experts it routed to "
+            "(enable_return_routed_experts needs Model Runner V2, which needs Triton): use rl.rollout.engine hf "
+            "on CPU, or rl.routing_replay none"
+        )
+    if recipe.rl.rollout.placement != "in_process":
+        raise UserError(
+            "key 'rl.routing_replay': with the vllm engine the routed experts are read from the in-process "
+            "engine's outputs: use rl.rollout.placement in_process (or rl.rollout.engine sglang)"
+        )
 
 
 def _vllm_engine(recipe: Recipe, assets: Path, rank: int, world: int) -> tuple[RolloutEngine, list[int]]:
@@ -268,6 +300,7 @@ def _vllm_engine(recipe: Recipe, assets: Path, rank: int, world: int) -> tuple[R
         work_dir=Path(recipe.checkpoint.dir) / "vllm" / f"engine{index}",
         index=index,
         url=rollout.urls[index] if rollout.urls else None,
+        record_routing=recipe.rl.routing_replay == "rollout",
     )
     return engine, owners
 

@@ -47,7 +47,7 @@ def rollout(
             (answer,) = completions.pop()
             local[1].append(Sample(owners.index(rank), 0, probe.prompt_ids, answer.response_ids, answer.logprobs, True))
         local[0].extend(
-            Sample(i, j, prompts[i].ids, c.response_ids, c.logprobs, c.finished)
+            Sample(i, j, prompts[i].ids, c.response_ids, c.logprobs, c.finished, routing=c.routing)
             for i, group_completions in zip(mine, completions, strict=True)
             for j, c in enumerate(group_completions)
         )

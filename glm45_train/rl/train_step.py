@@ -49,15 +49,25 @@ def _inputs(micro: MicroBatch) -> tuple[Any, Any, dict[str, torch.Tensor | None]
     return batch, packed, flat
 
 
-def _forward(micro: MicroBatch, model: Any) -> tuple[torch.Tensor, Any]:
+def _forward(micro: MicroBatch, model: Any, replay: Any) -> tuple[torch.Tensor, Any]:
     batch, packed, extras = _inputs(micro)
+    if replay is not None:  # the engine's experts for this micro-batch's tokens (rl/routing_replay.py)
+        replay.apply(micro.routing, _real_tokens(micro), flat=packed is not None)
     logits = model(batch.tokens, batch.position_ids, batch.attention_mask, packed_seq_params=packed)
     return logits, (batch, extras)
 
 
-def _logp_step(temperature: float, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
+def _real_tokens(micro: MicroBatch) -> torch.Tensor:
+    """[b, s] True on the input positions a sample fills (prompt + response - 1), False on padding."""
+    valid = torch.zeros(micro.advantages.shape, dtype=torch.bool)
+    for row, sample in enumerate(micro.samples):
+        valid[row, : len(sample.prompt_ids) + len(sample.response_ids) - 1] = True
+    return valid
+
+
+def _logp_step(temperature: float, replay: Any, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
     micro: MicroBatch = next(data_iterator)
-    logits, (batch, _extras) = _forward(micro, model)
+    logits, (batch, _extras) = _forward(micro, model, replay)
 
     def loss_func(output: torch.Tensor):
         logp = token_logprobs(output, batch.labels, temperature)
@@ -67,9 +77,9 @@ def _logp_step(temperature: float, data_iterator: Any, model: Any) -> tuple[torc
     return logits, loss_func
 
 
-def _policy_step(loss: LossSpec, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
+def _policy_step(loss: LossSpec, replay: Any, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
     micro: MicroBatch = next(data_iterator)
-    logits, (batch, extras) = _forward(micro, model)
+    logits, (batch, extras) = _forward(micro, model, replay)
 
     def loss_func(output: torch.Tensor):
         old = extras["old_logp"]
@@ -93,14 +103,22 @@ def _policy_step(loss: LossSpec, data_iterator: Any, model: Any) -> tuple[torch.
     return logits, loss_func
 
 
-def _schedule(owner: Any, step_func: Any, micro: list[MicroBatch], forward_only: bool) -> list[dict]:
+def _schedule(owner: Any, step_func: Any, micro: list[MicroBatch], forward_only: bool, replay: Any) -> list[dict]:
     shape = tuple(micro[0].batch.tokens.shape)
-    return run_schedule(owner.model, step_func, micro, shape, forward_only)  # type: ignore[arg-type]
+    try:
+        return run_schedule(owner.model, step_func, micro, shape, forward_only)  # type: ignore[arg-type]
+    finally:
+        if replay is not None:  # forwards after this one (the probe's) route for themselves
+            replay.apply(None, None, flat=False)
 
 
 @torch.no_grad()
-def logprob_pass(trainer: Trainer, micro: list[MicroBatch], temperature: float, reference: Any = None) -> None:
-    """Fill `old_logp` (policy) or, with `reference` (a model, or "adapters"), `ref_logp` of every micro-batch."""
+def logprob_pass(
+    trainer: Trainer, micro: list[MicroBatch], temperature: float, reference: Any = None, replay: Any = None
+) -> None:
+    """Fill `old_logp` (policy) or, with `reference` (a model, or "adapters"), `ref_logp` of every micro-batch.
+    With `replay` (rl/routing_replay.py) the routers take the engine's experts; the policy pass also measures
+    how often they would have chosen them anyway. A separate reference model routes for itself."""
     from glm45_train.lora import adapters_disabled
 
     owner = trainer
@@ -108,13 +126,18 @@ def logprob_pass(trainer: Trainer, micro: list[MicroBatch], temperature: float, 
     if reference == "adapters":
         disable = adapters_disabled(trainer.module)
     elif reference is not None:
-        owner = reference
+        owner, replay = reference, None
     trainer.model.eval()
+    if replay is not None:
+        replay.measure(reference is None)
     try:
         with disable:
-            records = _schedule(owner, functools.partial(_logp_step, temperature), micro, forward_only=True)
+            step = functools.partial(_logp_step, temperature, replay)
+            records = _schedule(owner, step, micro, forward_only=True, replay=replay)
     finally:
         trainer.model.train()
+        if replay is not None:
+            replay.measure(False)
     logps: list[torch.Tensor | None] = [r["logp"] for r in records] if records else [None] * len(micro)
     for batch, logp in zip(micro, logps, strict=True):  # None: not the last pipeline stage
         if reference is None:
@@ -123,12 +146,13 @@ def logprob_pass(trainer: Trainer, micro: list[MicroBatch], temperature: float, 
             batch.ref_logp = logp
 
 
-def update(trainer: Trainer, micro: list[MicroBatch], loss: LossSpec) -> dict[str, float]:
+def update(trainer: Trainer, micro: list[MicroBatch], loss: LossSpec, replay: Any = None) -> dict[str, float]:
     """One optimizer update on one global batch; the stats summed over every rank, then lr and grad norm."""
     started = time.perf_counter()
     trainer.model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
-    records = _schedule(trainer, functools.partial(_policy_step, loss), micro, forward_only=False)
+    step = functools.partial(_policy_step, loss, replay)
+    records = _schedule(trainer, step, micro, forward_only=False, replay=replay)
     totals = sum_records(records, "grpo", len(STATS))
     lr, grad_norm = optimizer_step(trainer)
     sums = dict(zip(STATS, totals.tolist(), strict=True))

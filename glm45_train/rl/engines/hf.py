@@ -10,6 +10,9 @@ Notable:
   position ids say where each starts), and each prompt's KV cache is copied to every response of its group
   (GRPO's G responses share a prompt: G - 1 prefills saved); then one token per step for every unfinished
   response; finished responses leave the batch (their cache rows dropped).
+- Routing record (`record_routing`, for rl.routing_replay): a forward hook on every MoE layer's router keeps the
+  experts it chose; the prompt's rows are copied to each response of its group, each decoding step appends one
+  row per response still running (rl/rollout.py `Completion.routing`).
 - Each response has its own seeded `torch.Generator`; log-probs are log_softmax(logits / temperature) of the
   sampled token in fp32, before top-p (what the trainer recomputes); top-p keeps the smallest set of tokens
   whose probability reaches p (the most likely token always).
@@ -23,10 +26,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from glm45_train.errors import UserError
-from glm45_train.rl.rollout import Completion, Request, SamplingParams, by_request
+from glm45_train.rl.rollout import Completion, Request, SamplingParams, by_request, routing_dtype
 
 MAX_ROWS = 64  # responses sampled together (a batch of prompts, left-padded)
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
@@ -44,7 +48,9 @@ def model_assets_dir(source: str | Path) -> Path:
 class HFEngine:
     """RolloutEngine on transformers (CPU, or one GPU)."""
 
-    def __init__(self, assets_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
+    def __init__(
+        self, assets_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", record_routing=False
+    ) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(assets_dir)
@@ -60,6 +66,30 @@ class HFEngine:
             (name, buffer) for name, buffer in self.model.named_buffers() if name.endswith("e_score_correction_bias")
         )
         self.loaded = False
+        self.router_choices: list[torch.Tensor] | None = None  # per MoE layer, the last forward's [tokens, top-k]
+        if record_routing:
+            self._record_routing()
+
+    def _record_routing(self) -> None:
+        moe_layers = range(self.config.first_k_dense_replace, self.config.num_hidden_layers)
+        self.router_choices = [torch.empty(0)] * len(moe_layers)
+        self.routing_dtype = routing_dtype(self.config.n_routed_experts)
+
+        def keep(position: int):
+            def hook(_module, _inputs, output) -> None:
+                self.router_choices[position] = output[2].sort(dim=-1).values.cpu()  # type: ignore[index]
+
+            return hook
+
+        for position, layer in enumerate(moe_layers):
+            self.model.model.layers[layer].mlp.gate.register_forward_hook(keep(position))
+
+    def _routed(self, rows: int) -> np.ndarray | None:
+        """The last forward's choices as [rows, tokens per row, MoE layers, top-k], or None when not recording."""
+        if self.router_choices is None:
+            return None
+        stacked = torch.stack(self.router_choices, dim=1)  # [rows x tokens, layers, k]
+        return stacked.view(rows, -1, *stacked.shape[1:]).numpy().astype(self.routing_dtype)
 
     # -- weights --------------------------------------------------------------------------------------------
 
@@ -126,8 +156,9 @@ class HFEngine:
             out.extend(self._batch(requests[start : start + per_batch], params))
         return out
 
-    def _prefill(self, requests: list[Request]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
-        """Every prompt once (left-padded), its cache copied to each response: (logits, cache, mask, next positions)."""
+    def _prefill(self, requests: list[Request]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor, list]:
+        """Every prompt once (left-padded), its cache copied to each response: (logits, cache, mask, next positions,
+        and per response the list of its routing rows so far)."""
         longest = max(len(r.prompt_ids) for r in requests)
         ids = torch.zeros(len(requests), longest, dtype=torch.long)
         mask = torch.zeros(len(requests), longest, dtype=torch.long)
@@ -140,10 +171,16 @@ class HFEngine:
         rows = torch.tensor([row for row, r in enumerate(requests) for _ in range(r.samples)], device=self.device)
         cache = getattr(out, self.cache_argument)
         cache.batch_select_indices(rows)
-        return out.logits[rows, -1].float(), cache, mask[rows], positions[rows, -1] + 1
+        routed = self._routed(len(requests))
+        routing = [
+            [] if routed is None else [routed[row, longest - len(r.prompt_ids) :]]
+            for row, r in enumerate(requests)
+            for _ in range(r.samples)
+        ]
+        return out.logits[rows, -1].float(), cache, mask[rows], positions[rows, -1] + 1, routing
 
     def _batch(self, requests: list[Request], params: SamplingParams) -> list[list[Completion]]:
-        logits, cache, mask, position = self._prefill(requests)
+        logits, cache, mask, position, routing = self._prefill(requests)
         generators = [_generator(r.seed + j) for r in requests for j in range(r.samples)]
         ids: list[list[int]] = [[] for _ in generators]
         logprobs: list[list[float]] = [[] for _ in generators]
@@ -178,7 +215,13 @@ class HFEngine:
                 .float()
             )
             position = position + 1
-        completions = [Completion(tuple(i), tuple(lp), f) for i, lp, f in zip(ids, logprobs, finished, strict=True)]
+            routed = self._routed(len(active))
+            for row, j in enumerate(active if routed is not None else ()):
+                routing[j].append(routed[row])  # type: ignore[index]
+        completions = [
+            Completion(tuple(i), tuple(lp), f, np.concatenate(r) if r else None)
+            for i, lp, f, r in zip(ids, logprobs, finished, routing, strict=True)
+        ]
         return by_request(completions, requests)
 
     def sleep(self) -> None:

@@ -33,16 +33,18 @@ Notable (SGLang's source, python/sglang/srt/...; read at 0.5.x):
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from glm45_train.errors import UserError
 from glm45_train.model.hf_config import Glm45Config
 from glm45_train.rl.engines.model_files import WeightCheck, prepare_model_dir
-from glm45_train.rl.rollout import Completion, Request, SamplingParams, by_request
+from glm45_train.rl.rollout import Completion, Request, SamplingParams, by_request, engine_routing
 
 INSTALL_HINT = (
     "rl.rollout.engine sglang needs SGLang: pip install 'glm45-train[rl-gpu]' (GPUs only); "
@@ -83,8 +85,11 @@ def sampling_requests(
     return input_ids, sampling
 
 
-def completion_from_output(output: Mapping[str, Any], stop_token_ids: Iterable[int]) -> Completion:
-    """One SGLang output dict -> a Completion (ids and log-probs from meta_info's output_token_logprobs)."""
+def completion_from_output(
+    output: Mapping[str, Any], stop_token_ids: Iterable[int], routing_of: tuple[int, Glm45Config] | None = None
+) -> Completion:
+    """One SGLang output dict -> a Completion (ids and log-probs from meta_info's output_token_logprobs); with
+    `routing_of` (prompt length, model) also the routed experts SGLang returned (routing replay)."""
     meta = output["meta_info"]
     pairs = meta.get("output_token_logprobs")
     if pairs is None:
@@ -98,18 +103,46 @@ def completion_from_output(output: Mapping[str, Any], stop_token_ids: Iterable[i
     if kind == "stop" and (not isinstance(matched, int) or not ids or ids[-1] != matched):
         raise RuntimeError(f"SGLang stopped on {matched!r}, not on the last response token ({ids[-1:]})")
     finished = kind == "stop" or (bool(ids) and ids[-1] in set(stop_token_ids))
-    return Completion(response_ids=ids, logprobs=logprobs, finished=finished)
+    routing = None if routing_of is None else routed_experts(meta, routing_of[0] + len(ids) - 1, routing_of[1])
+    return Completion(response_ids=ids, logprobs=logprobs, finished=finished, routing=routing)
+
+
+def routed_experts(meta: Mapping[str, Any], tokens: int, hf: Glm45Config) -> np.ndarray:
+    """`meta_info["routed_experts"]` (base64 of int32 [tokens run, layers, top-k], with `return_routed_experts`)
+    -> a Completion's routing of `tokens` rows."""
+    encoded = meta.get("routed_experts")
+    if encoded is None:
+        raise RuntimeError("SGLang returned no routed_experts (the engine needs enable_return_routed_experts)")
+    flat = np.frombuffer(base64.b64decode(encoded), dtype=np.int32)
+    top_k, moe_layers = hf.num_experts_per_tok, hf.num_hidden_layers - hf.first_k_dense_replace
+    for layers in (hf.num_hidden_layers, moe_layers):  # every layer, or the MoE layers only
+        if flat.size % (layers * top_k) == 0 and flat.size // (layers * top_k) >= tokens:
+            routed = flat.reshape(-1, layers, top_k)
+            break
+    else:
+        raise RuntimeError(f"SGLang's routed_experts hold {flat.size} ids: not {tokens} tokens x layers x {top_k}")
+    return engine_routing(routed, tokens, hf.num_hidden_layers, hf.first_k_dense_replace, hf.n_routed_experts)
 
 
 def group_completions(
-    outputs: Sequence[Mapping[str, Any]], requests: Sequence[Request], stop_token_ids: Iterable[int]
+    outputs: Sequence[Mapping[str, Any]],
+    requests: Sequence[Request],
+    stop_token_ids: Iterable[int],
+    routing_of: Glm45Config | None = None,
 ) -> list[list[Completion]]:
     """SGLang's outputs (in input order, `sampling_requests`' layout) -> `request.samples` completions each."""
     expected = sum(request.samples for request in requests)
     if len(outputs) != expected:
         raise RuntimeError(f"SGLang returned {len(outputs)} outputs for {expected} responses")
     stops = set(stop_token_ids)
-    return by_request([completion_from_output(output, stops) for output in outputs], requests)
+    prompts = [len(r.prompt_ids) for r in requests for _ in range(r.samples)]
+    return by_request(
+        [
+            completion_from_output(output, stops, None if routing_of is None else (prompt, routing_of))
+            for output, prompt in zip(outputs, prompts, strict=True)
+        ],
+        requests,
+    )
 
 
 class SGLangEngine:
@@ -124,6 +157,7 @@ class SGLangEngine:
         run_dir: str | Path,
         base_gpu_id: int | None = None,
         deterministic: bool = True,
+        record_routing: bool = False,
     ) -> None:
         """`rollout` is the recipe's rl.rollout section (tp, gpu_memory_fraction); `deterministic` makes every
         response depend on (weights, prompt, seed) only, at some speed (SGLang's deterministic inference).
@@ -132,7 +166,8 @@ class SGLangEngine:
         sglang = import_sglang()
         model_dir = prepare_model_dir(assets_dir, Path(run_dir) / MODEL_DIR_NAME)
         self.hf = Glm45Config.from_file(model_dir / "config.json")
-        self.deterministic = deterministic
+        self.deterministic, self.record_routing = deterministic, record_routing
+        routing = {"enable_return_routed_experts": True} if record_routing else {}  # routing replay (R3)
         self.engine = sglang.Engine(
             model_path=str(model_dir),
             tp_size=rollout.tp,
@@ -143,6 +178,7 @@ class SGLangEngine:
             enable_memory_saver=True,
             enable_deterministic_inference=deterministic,
             skip_tokenizer_init=True,
+            **routing,
         )
         self.weights_asleep = self.kv_asleep = False
         self.weights_loaded = False  # dummy weights until update_weights; released ones are not kept
@@ -178,8 +214,11 @@ class SGLangEngine:
             self.engine.resume_memory_occupation(tags=[KV_CACHE_TAG])
             self.kv_asleep = False
         input_ids, sampling = sampling_requests(requests, params, seeded=self.deterministic)
-        outputs = self.engine.generate(input_ids=input_ids, sampling_params=sampling, return_logprob=True)
-        return group_completions(outputs if isinstance(outputs, list) else [outputs], requests, params.stop_token_ids)
+        routing = {"return_routed_experts": True} if self.record_routing else {}
+        outputs = self.engine.generate(input_ids=input_ids, sampling_params=sampling, return_logprob=True, **routing)
+        outputs = outputs if isinstance(outputs, list) else [outputs]
+        routing_of = self.hf if self.record_routing else None
+        return group_completions(outputs, requests, params.stop_token_ids, routing_of)
 
     def sleep(self) -> None:
         if not self.weights_asleep:

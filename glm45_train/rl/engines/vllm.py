@@ -31,13 +31,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from glm45_train.errors import UserError
 from glm45_train.model.hf_config import Glm45Config
 from glm45_train.rl.engines.model_files import WeightCheck, prepare_model_dir
 from glm45_train.rl.engines.weight_files import write_buckets
-from glm45_train.rl.rollout import Completion, Request, SamplingParams, by_request
+from glm45_train.rl.rollout import Completion, Request, SamplingParams, by_request, engine_routing
 from glm45_train.runtime.vllm_cpu import CPU_ENGINE_ARGS, engine_environment, is_installed
 from glm45_train.serve.server import INSTALL_HINT, VLLMServer
 from glm45_train.serve.vllm_worker import EXTENSION, LOAD_METHOD
@@ -131,13 +132,15 @@ class VLLMEngine:
         self.backend.shutdown()
 
 
-def completion_of(token_ids: Iterable[int], logprobs: Iterable[float], finish_reason: str | None) -> Completion:
+def completion_of(
+    token_ids: Iterable[int], logprobs: Iterable[float], finish_reason: str | None, routing: Any = None
+) -> Completion:
     ids, values = tuple(int(t) for t in token_ids), tuple(float(v) for v in logprobs)
     if len(ids) != len(values):
         raise RuntimeError(f"vLLM returned {len(ids)} tokens but {len(values)} log-probs")
     if finish_reason not in ("stop", "length"):
         raise RuntimeError(f"vLLM ended a response with finish_reason {finish_reason!r}")
-    return Completion(ids, values, finished=finish_reason == "stop")
+    return Completion(ids, values, finished=finish_reason == "stop", routing=routing)
 
 
 # -- in-process ------------------------------------------------------------------------------------------------
@@ -159,7 +162,8 @@ def _engine_environment(index: int) -> Iterator[None]:
 class InProcess:
     """vLLM's offline engine (`vllm.LLM`) in this process; vLLM runs its engine core in a child process."""
 
-    def __init__(self, model_dir: Path, args: dict[str, Any], index: int) -> None:
+    def __init__(self, model_dir: Path, args: dict[str, Any], index: int, routing_of: Glm45Config | None) -> None:
+        self.routing_of = routing_of  # the model whose routed experts are returned (routing replay), or None
         if not is_installed():
             raise UserError(INSTALL_HINT)
         from vllm import LLM
@@ -187,8 +191,18 @@ class InProcess:
             sample = output.outputs[0]
             steps: Any = sample.logprobs  # one {token: Logprob} per sampled token (logprobs=0)
             logprobs = [step[token].logprob for step, token in zip(steps, sample.token_ids, strict=True)]
-            completions.append(completion_of(sample.token_ids, logprobs, sample.finish_reason))
+            routing = self._routing(sample, len(output.prompt_token_ids) + len(sample.token_ids) - 1)
+            completions.append(completion_of(sample.token_ids, logprobs, sample.finish_reason, routing))
         return completions
+
+    def _routing(self, sample: Any, tokens: int) -> Any:
+        hf = self.routing_of
+        if hf is None:
+            return None
+        if sample.routed_experts is None:
+            raise RuntimeError("vLLM returned no routed experts although enable_return_routed_experts is on")
+        routed = np.asarray(sample.routed_experts)
+        return engine_routing(routed, tokens, hf.num_hidden_layers, hf.first_k_dense_replace, hf.n_routed_experts)
 
     def shutdown(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
@@ -254,17 +268,19 @@ class Server:
 
 def build_vllm_engine(
     assets_dir: Path, rollout: Any, *, dtype: torch.dtype, seed: int, max_model_len: int, work_dir: Path,
-    index: int = 0, url: str | None = None,
+    index: int = 0, url: str | None = None, record_routing: bool = False,
 ) -> VLLMEngine:  # fmt: skip
     """This rank's engine, the run's `index`-th: `work_dir` holds its weight buckets and server log."""
     model_dir = prepare_model_dir(assets_dir, work_dir.parent / MODEL_DIR_NAME)
     hf = Glm45Config.from_file(model_dir / "config.json")
     args = engine_args(dtype, seed, max_model_len, rollout)
+    if record_routing:  # GPUs, in-process only (rl/setup.py refuses the rest)
+        args["enable_return_routed_experts"] = True
     backend: Backend
     if url is not None:
         backend = Server(VLLMServer(url=url).start(timeout=60))
     elif rollout.placement == "server":
         backend = Server.start(model_dir, args, work_dir / "vllm_server.log", index)
     else:
-        backend = InProcess(model_dir, args, index)
+        backend = InProcess(model_dir, args, index, hf if record_routing else None)
     return VLLMEngine(backend, hf, work_dir / "weights")

@@ -1,0 +1,177 @@
+"""Routing replay (rl/routing_replay.py) on the real Megatron trainer and the transformers engine, one process.
+
+The engine records the experts every MoE layer chose for every token it ran (rl/engines/hf.py); with the
+trainer's weights its record equals the trainer's own routing (the record is aligned with the trainer's
+positions). Then a planted perturbation of the engine's router (its `e_score_correction_bias`, which moves
+expert selection and nothing else) makes engine and trainer route differently: without replay the trainer's
+choices and log-probs differ from the engine's (negative control); with replay its choices equal the engine's
+exactly in every layer, and its log-probs equal the engine's again at fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from glm45_train.rl.batches import Sample, micro_batches
+from glm45_train.rl.engines.hf import HFEngine
+from glm45_train.rl.rollout import Request, SamplingParams, engine_routing
+from tests.test_rl_engine import STOP, _prompt_ids, trainer  # noqa: F401 - the module's trainer fixture
+
+
+def _engine(tiny_air, trainer, bias_noise: float) -> HFEngine:  # noqa: F811
+    from glm45_train.rl.weight_sync import hf_weights
+
+    policy, _recipe, layout = trainer
+    engine = HFEngine(tiny_air, record_routing=True)
+    generator = torch.Generator().manual_seed(0)
+
+    def planted(stream):
+        for name, tensor in stream:
+            if name.endswith("e_score_correction_bias"):
+                tensor = tensor + torch.randn(tensor.shape, generator=generator) * bias_noise
+            yield name, tensor
+
+    engine.update_weights(planted(hf_weights(layout, policy.module, dtype=torch.float32)))
+    return engine
+
+
+def _micro_batches(engine, trainer, tiny_air):  # noqa: F811
+    from glm45_train.train.loop import collation_for
+
+    prompts = _prompt_ids(tiny_air, 2)
+    groups = engine.generate([Request(p, 3, seed=i) for i, p in enumerate(prompts)], SamplingParams(1.0, 1.0, 24, STOP))
+    samples = [
+        Sample(i, j, prompts[i], c.response_ids, c.logprobs, c.finished, routing=c.routing)
+        for i, group in enumerate(groups)
+        for j, c in enumerate(group)
+    ]
+    hf = trainer[0].hf
+    shape = (hf.num_hidden_layers - hf.first_k_dense_replace, hf.num_experts_per_tok)
+    for sample in samples:
+        assert sample.routing.shape == (len(sample.prompt_ids) + len(sample.response_ids) - 1, *shape)
+    return micro_batches(samples, 0, 1, collation_for(trainer[1]), pad_id=STOP[0])
+
+
+class ChosenExperts:
+    """The experts each trainer router actually dispatched to (its routing map), per MoE layer position."""
+
+    def __init__(self, routers) -> None:
+        self.maps: dict[int, list[torch.Tensor]] = {position: [] for position, _ in routers}
+        self.handles = [router.register_forward_hook(self._keep(position)) for position, router in routers]
+
+    def _keep(self, position):
+        def hook(_module, _inputs, output):
+            self.maps[position].append(output[1].detach().clone())  # [s * b, experts] bool, per forward
+
+        return hook
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _expected_maps(batches, experts: int) -> dict[int, torch.Tensor]:
+    """The engine's choices as routing maps, micro-batch after micro-batch in the router's token order ([s, b])."""
+    maps: dict[int, list[torch.Tensor]] = {}
+    for micro in batches:
+        routing = micro.routing.transpose(0, 1)
+        for position in range(routing.shape[2]):
+            chosen = routing[:, :, position].reshape(-1, routing.shape[-1])
+            empty = torch.zeros(chosen.shape[0], experts, dtype=torch.bool)
+            maps.setdefault(position, []).append(empty.scatter(1, chosen, True))
+    return {position: torch.cat(parts) for position, parts in maps.items()}
+
+
+def _real(batches) -> torch.Tensor:
+    from glm45_train.rl.train_step import _real_tokens
+
+    return torch.cat([_real_tokens(micro).transpose(0, 1).reshape(-1) for micro in batches])
+
+
+@pytest.fixture(scope="module")
+def replay(trainer):  # noqa: F811
+    from glm45_train.rl.routing_replay import RoutingReplay
+
+    policy = trainer[0]
+    replay = RoutingReplay([policy.model], policy.hf.first_k_dense_replace, sequence_parallel=False)
+    yield replay
+    for _, router in replay.routers:
+        router.router_replay = None
+
+
+def _passes(trainer, replay, batches):  # noqa: F811
+    """old_logp without replay, then with it: (per pass) the routers' maps and the gap to the engine."""
+    from glm45_train.rl.train_step import logprob_pass
+
+    policy = trainer[0]
+    out = {}
+    for name, given in (("free", None), ("replayed", replay)):
+        chosen = ChosenExperts(replay.routers)
+        try:
+            logprob_pass(policy, batches, temperature=1.0, replay=given)
+        finally:
+            chosen.close()
+        gap = torch.cat([(m.engine_logp - m.old_logp).abs()[m.batch.loss_mask > 0] for m in batches])
+        maps = {position: torch.cat(parts) for position, parts in chosen.maps.items()}
+        first = replay.routers[0][1].router_replay  # the first MoE layer's counts (its inputs are the same)
+        first_layer = first.agreed / first.counted if given is not None else None
+        out[name] = (maps, gap, (first_layer, replay.agreement()) if given is not None else None)
+    return out
+
+
+def test_the_engine_record_is_the_trainers_own_routing(tiny_air, trainer, replay):  # noqa: F811
+    batches = _micro_batches(_engine(tiny_air, trainer, bias_noise=0.0), trainer, tiny_air)
+    passes = _passes(trainer, replay, batches)
+    maps, gap, _ = passes["free"]
+    real = _real(batches)
+    for position, expected in _expected_maps(batches, trainer[0].hf.n_routed_experts).items():
+        assert torch.equal(maps[position][real], expected[real]), position
+    assert float(gap.max()) < 2e-5
+    assert passes["replayed"][2] == (1.0, 1.0)  # measured agreement: first layer, all layers
+
+
+def test_replay_makes_the_trainer_route_as_a_perturbed_engine_did(tiny_air, trainer, replay):  # noqa: F811
+    batches = _micro_batches(_engine(tiny_air, trainer, bias_noise=0.1), trainer, tiny_air)
+    passes = _passes(trainer, replay, batches)
+    real = _real(batches)
+    expected = _expected_maps(batches, trainer[0].hf.n_routed_experts)
+    free_maps, free_gap, _ = passes["free"]
+    replayed_maps, replayed_gap, agreement = passes["replayed"]
+    disagreeing = [int((free_maps[p][real] != expected[p][real]).any(-1).sum()) for p in expected]
+    assert min(disagreeing) > 0, disagreeing  # negative control: every layer routes some tokens otherwise
+    assert float(free_gap.max()) > 1e-2
+    for position in expected:  # with replay: the engine's experts, exactly, in every MoE layer
+        assert torch.equal(replayed_maps[position][real], expected[position][real]), position
+    assert float(replayed_gap.max()) < 2e-5, float(replayed_gap.max())
+    # the logged agreement: each router's own top-k beside the replayed one; in the first MoE layer its inputs are
+    # the free pass's, so it equals the free pass's overlap there (deeper layers see the engine's routing upstream)
+    top_k = trainer[0].hf.num_experts_per_tok
+    first_free = float((free_maps[0][real] & expected[0][real]).sum()) / (top_k * int(real.sum()))
+    first_layer, overall = agreement
+    assert first_layer == pytest.approx(first_free) and first_layer < 0.95 and overall < 0.95
+
+
+def test_after_a_replayed_pass_the_routers_choose_for_themselves(tiny_air, trainer, replay):  # noqa: F811
+    """The probe's samples carry no routing: a pass after a replayed one must not reuse its targets."""
+    for _, router in replay.routers:
+        assert router.router_replay.router_replay_action is None
+        assert router.router_replay.target_topk_idx is None
+
+
+def test_an_engine_record_of_the_wrong_shape_is_refused():
+    routed = np.zeros((10, 4, 2), dtype=np.int32)  # every layer (4), first one dense
+    kept = engine_routing(routed, tokens=9, num_layers=4, first_moe_layer=1, experts=8)
+    assert kept.shape == (9, 3, 2) and kept.dtype == np.uint8
+    with pytest.raises(RuntimeError, match="expected"):
+        engine_routing(routed, tokens=11, num_layers=4, first_moe_layer=1, experts=8)
+    with pytest.raises(RuntimeError, match="routing"):
+        sample = Sample(0, 0, (1, 2), (3, 4), (-1.0, -1.0), True, routing=np.zeros((2, 3, 2), dtype=np.uint8))
+        micro_batches([sample], 0, 1, _collation(), pad_id=0)  # 3 positions ran, the record holds 2
+
+
+def _collation():
+    from glm45_train.train.batches import Collation
+
+    return Collation(2, 1, True)
