@@ -121,3 +121,17 @@ def test_sft_plans_have_no_rl_part():
     assert "rl:" not in format_plan(result, "air_sft", 32) and "rollout" not in format_plan(result, "air_sft", 32)
     with_rewards = dataclasses.replace(recipe, rl=dataclasses.replace(recipe.rl, rewards=[{"name": "math"}]))
     assert plan(with_rewards, resolve_model_config("", "air"), "h20", 32).rl is not None  # rewards make it RL
+
+
+def test_routing_replay_counts_its_record():
+    """tokens x MoE layers x top-k one-byte ids for the step's samples; none without replay."""
+    result = rl_plan_of("air_grpo", "rl.routing_replay=rollout")
+    recipe, hf = result.recipe, resolve_model_config(result.recipe.model.source, "air")
+    moe_layers = hf.num_hidden_layers - hf.first_k_dense_replace
+    samples = recipe.rl.prompts_per_step * recipe.rl.rollout.group_size
+    expected = samples * recipe.data.max_length * moe_layers * hf.num_experts_per_tok
+    assert result.rl is not None and result.rl.routing_record == expected > 0
+    assert f"routing replay record: {expected / GIB:.2f} GiB" in format_plan(result, "air_grpo", 32)
+    without = rl_plan_of("air_grpo", "rl.routing_replay=none")
+    assert without.rl is not None and without.rl.routing_record == 0
+    assert "routing replay record" not in format_plan(without, "air_grpo", 32)

@@ -175,3 +175,37 @@ def _collation():
     from glm45_train.train.batches import Collation
 
     return Collation(2, 1, True)
+
+
+def test_routing_replay_with_vllm_on_cpu_is_refused_before_any_process_starts(tiny_air, tmp_path, capsys):
+    from glm45_train.cli.main import main
+    from tests.test_rl_loop import RECIPE
+
+    code = main(["rl", RECIPE, f"model.source={tiny_air}", f"checkpoint.dir={tmp_path}", "rl.rollout.engine=vllm",
+                 "rl.routing_replay=rollout"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "key 'rl.routing_replay': vLLM's CPU build cannot return the experts" in err, err
+    assert not (tmp_path / "metrics.jsonl").exists()
+    code = main(["rl", RECIPE, f"model.source={tiny_air}", f"checkpoint.dir={tmp_path}", "rl.routing_replay=rollout",
+                 "train.recompute=full", "--print-config"])  # fmt: skip
+    assert code == 2 and "train.recompute none or selective" in capsys.readouterr().err
+
+
+def test_sglang_routed_experts_are_decoded_per_token_and_layer():
+    import base64
+
+    from glm45_train.model.hf_config import Glm45Config
+    from glm45_train.model.tiny import tiny_config
+    from glm45_train.rl.engines.sglang import routed_experts
+
+    hf = Glm45Config.from_dict(tiny_config("air", 2048, [1536]))
+    layers, top_k = hf.num_hidden_layers, hf.num_experts_per_tok
+    ids = np.arange(7 * layers * top_k, dtype=np.int32)[::-1].copy() % hf.n_routed_experts  # 7 tokens run
+    meta = {"routed_experts": base64.b64encode(ids.tobytes()).decode()}
+    routing = routed_experts(meta, 7, hf)
+    expected = np.sort(ids.reshape(7, layers, top_k)[:, hf.first_k_dense_replace :], axis=-1)
+    np.testing.assert_array_equal(routing, expected)
+    with pytest.raises(RuntimeError, match="routed_experts"):
+        routed_experts({}, 7, hf)  # the engine was started without enable_return_routed_experts
+    with pytest.raises(RuntimeError, match="ids"):
+        routed_experts({"routed_experts": base64.b64encode(ids[:5].tobytes()).decode()}, 7, hf)

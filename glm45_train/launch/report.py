@@ -144,6 +144,11 @@ def _rl_lines(result: Plan, rl: RolloutPlan) -> list[str]:
         f"{max(0.0, rl.kv_cache) / rl.kv_per_token / 1e3:.0f}k tokens = {rl.kv_rows:.1f} rows of {rl.row_tokens})",
     ]
     lines += [f"  {_phase_line(phase)}" for phase in rl.phases]
+    if rl.routing_record:
+        lines.append(
+            f"  routing replay record: {rl.routing_record / GIB:.2f} GiB of host memory per rank per step "
+            f"({rl.samples} samples x {rl.row_tokens} tokens x MoE layers x top-k expert ids)"
+        )
     lines.append(
         f"  assumed, not measured: engine CUDA context {ENGINE_CONTEXT_GIB:.1f} GiB (kept asleep), workspace "
         f"{ENGINE_WORKSPACE_GIB:.1f} GiB outside its fraction; the trainer frees activations and empties its "

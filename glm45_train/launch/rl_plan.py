@@ -21,6 +21,10 @@ Colocated (rl.rollout.colocate), two phases, each must fit the GPU:
                  caching allocator emptied (torch.cuda.empty_cache) before the engine wakes.
     training     plan.py's peak (activations, allocator reserve) + what a sleeping engine keeps: its CUDA
                  context; weights, KV cache and CUDA graphs are released (SGLang's memory saver).
+Routing replay (rl.routing_replay: rollout): the engine's expert ids ride with every sample, one byte each (two
+beyond 256 experts), tokens x MoE layers x top-k; every rank holds the step's samples in host memory (the
+rollout is gathered), and each micro-batch's share reaches the GPU as int64 for the routers (counted with
+activations: under a percent of them).
 Separate rollout GPUs (colocate false, rl.rollout.gpus of the same kind): the engine's share + its context and
 workspace on each rollout GPU; the training GPUs are plan.py's alone.
 
@@ -112,6 +116,7 @@ class RolloutPlan:
     engine_weights: float  # bytes per GPU
     kv_per_token: float  # bytes per GPU
     phases: tuple[Phase, ...]
+    routing_record: float = 0.0  # host bytes per rank: the step's routing record (routing replay), or 0
 
     @property
     def engines(self) -> int:
@@ -145,6 +150,15 @@ class RolloutPlan:
     @property
     def fits(self) -> bool:
         return self.failure() is None
+
+
+def routing_record_bytes(recipe: Any, hf: Glm45Config) -> float:
+    """The step's routing record: samples x data.max_length tokens x MoE layers x top-k expert ids."""
+    if recipe.rl.routing_replay == "none":
+        return 0.0
+    moe_layers = hf.num_hidden_layers - hf.first_k_dense_replace
+    id_bytes = 1 if hf.n_routed_experts <= 256 else 2  # rl/rollout.py routing_dtype
+    return float(samples_per_step(recipe.rl) * recipe.data.max_length * moe_layers * hf.num_experts_per_tok * id_bytes)
 
 
 def validate_rollout(recipe: Any, world: int, hf: Glm45Config) -> None:
@@ -192,4 +206,5 @@ def plan_rollout(
         engine_weights=engine_weight_bytes(hf) / rollout.tp,
         kv_per_token=kv_bytes_per_token(hf, rollout.tp),
         phases=phases,
+        routing_record=routing_record_bytes(recipe, hf),
     )

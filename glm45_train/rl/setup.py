@@ -118,6 +118,7 @@ def build_rl_run(recipe: Recipe) -> RLRun:
     from glm45_train.train.run_dir import write_run_metadata
 
     check_rl_values(recipe)
+    check_engine_support(recipe)
     rewards = reward_set(recipe)  # before anything is built: a bad reward fails in seconds
     hf = model_config_of(recipe.model.source)
     validate_layout(recipe, world_size_from_env(), hf)
@@ -250,7 +251,6 @@ def make_engine(recipe: Recipe) -> tuple[RolloutEngine, list[int]]:
         engine = HFEngine(assets, dtype=engine_dtype(recipe), device=device, record_routing=record)
         return engine, list(range(world))
     if kind == "vllm":
-        _check_vllm_routing(recipe)
         return _vllm_engine(recipe, assets, rank, world)
     if not torch.cuda.is_available():
         raise UserError("key 'rl.rollout.engine': sglang needs GPUs; `hf` and `vllm` run everywhere")
@@ -263,10 +263,11 @@ def make_engine(recipe: Recipe) -> tuple[RolloutEngine, list[int]]:
     return SGLangEngine(assets, rollout, seed=recipe.train.seed, run_dir=run_dir, record_routing=record), owners
 
 
-def _check_vllm_routing(recipe: Recipe) -> None:
-    """vLLM 0.32 returns routed experts (`enable_return_routed_experts`) from its GPU model runner only, and our
-    wiring reads them from the offline engine's outputs."""
-    if recipe.rl.routing_replay != "rollout":
+def check_engine_support(recipe: Recipe) -> None:
+    """What the chosen engine cannot do here, refused before any process starts: routing replay with vLLM, which
+    returns routed experts (`enable_return_routed_experts`, 0.32) from its GPU model runner only, and which our
+    wiring reads from the offline engine's outputs."""
+    if recipe.rl.routing_replay != "rollout" or engine_kind(recipe.rl.rollout.engine) != "vllm":
         return
     if not torch.cuda.is_available():
         raise UserError(
