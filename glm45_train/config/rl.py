@@ -172,12 +172,6 @@ def check_rl_values(recipe: Any) -> None:
         )
     if recipe.train.steps is None:
         fail("train.steps", "RL runs are counted in steps (train.epochs is for sft)")
-    if rl.routing_replay == "rollout" and recipe.train.recompute == "full":
-        fail(
-            "rl.routing_replay",
-            "replaying the engine's routing needs the MoE layers to run once per forward: use train.recompute "
-            "none or selective (full recomputation re-routes in the backward pass)",
-        )
     if recipe.train.mtp_loss_weight > 0:
         fail("train.mtp_loss_weight", "RL trains no MTP loss: set 0 (the MTP block is exported from the base)")
 

@@ -21,7 +21,9 @@ Notable:
   token, real tokens only) is summed over ranks. Upstream layers have replayed by then, so this counts each
   layer's own flips given the engine's inputs (in the first MoE layer: exactly the unreplayed agreement).
 - A forward without routing (the probe's samples) clears the replay: the routers then choose for themselves.
-- Refused: full activation recomputation (the routers would re-run in the backward pass; config/rl.py).
+- Full activation recomputation re-runs every router in the backward pass: the training pass queues each
+  micro-batch's targets and the recomputation takes them in order (AgreementReplay), so the recomputed forward
+  is the replayed one.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ from megatron.core.transformer.moe.router_replay import RouterReplay, RouterRepl
 
 
 class AgreementReplay(RouterReplay):
-    """Megatron's RouterReplay, which while `measuring` also counts how many of the replayed experts the router
-    would have chosen itself."""
+    """Megatron's RouterReplay with two additions: while `measuring`, it counts how many of the replayed experts
+    the router would have chosen itself; with full recomputation, the training pass's targets are queued in
+    forward order and each recomputation in the backward pass (grad enabled; the checkpointed forward runs
+    without) takes the oldest: pipeline schedules run backwards in the order of their forwards."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -44,23 +48,33 @@ class AgreementReplay(RouterReplay):
         self.valid: torch.Tensor | None = None  # [tokens] bool: real (not padding) tokens of the target
         self.agreed = 0.0
         self.counted = 0.0
+        self.recomputed: list[torch.Tensor] | None = None  # targets awaiting their backward recomputation
 
     def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
-        if self.measuring and self.router_replay_action == RouterReplayAction.REPLAY_FORWARD:
-            assert default_compute_topk is not None and self.target_topk_idx is not None
+        if self.router_replay_action != RouterReplayAction.REPLAY_FORWARD:
+            return super().get_replay_topk(scores, topk, num_groups, group_topk, default_compute_topk)
+        target = self.target_topk_idx
+        if self.recomputed is not None and torch.is_grad_enabled():
+            if not self.recomputed:
+                raise RuntimeError("routing replay: a recomputation in the backward pass without a queued target")
+            target = self.recomputed.pop(0)
+        assert target is not None and default_compute_topk is not None
+        if self.measuring:
             own = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)[1]
-            target = self.target_topk_idx.to(own.device)
-            hits = (own.unsqueeze(-1) == target.unsqueeze(-2)).any(-1).sum(-1).float()
+            hits = (own.unsqueeze(-1) == target.to(own.device).unsqueeze(-2)).any(-1).sum(-1).float()
             valid = self.valid.to(own.device) if self.valid is not None else torch.ones_like(hits, dtype=torch.bool)
             self.agreed += float(hits[valid].sum())
             self.counted += float(valid.sum()) * topk
-        return super().get_replay_topk(scores, topk, num_groups, group_topk, default_compute_topk)
+        top_indices = target.to(scores.device)
+        return scores.gather(1, top_indices), top_indices
 
 
 class RoutingReplay:
     """The trainer's decoder MoE routers (every model chunk of this rank), each with an AgreementReplay."""
 
-    def __init__(self, chunks: list[Any], first_moe_layer: int, sequence_parallel: bool) -> None:
+    def __init__(
+        self, chunks: list[Any], first_moe_layer: int, sequence_parallel: bool, recompute: bool = False
+    ) -> None:
         from megatron.core import parallel_state
         from megatron.core.transformer.moe.moe_layer import MoELayer
 
@@ -70,20 +84,37 @@ class RoutingReplay:
                 if isinstance(layer.mlp, MoELayer):
                     layer.mlp.router.router_replay = AgreementReplay()
                     self.routers.append((layer.layer_number - 1 - first_moe_layer, layer.mlp.router))
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel, self.recompute = sequence_parallel, recompute
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+
+    def begin(self, backward: bool) -> None:
+        """Before a schedule: with full recomputation and a backward pass, targets are queued for it."""
+        for _, router in self.routers:
+            router.router_replay.recomputed = [] if backward and self.recompute else None
+
+    def end(self) -> None:
+        """After a schedule: nothing is left for later forwards (the probe's route for themselves)."""
+        for _, router in self.routers:
+            replay: AgreementReplay = router.router_replay
+            replay.clear_indices()
+            replay.clear_router_replay_action()
+            replay.recomputed = None
+            replay.valid = None
 
     def apply(self, routing: torch.Tensor | None, valid: torch.Tensor | None, flat: bool) -> None:
         """Before a forward pass: replay `routing` ([b, s, layers, k]; None: route freely). `valid` [b, s] marks
         real tokens (for the agreement count); `flat`: the batch runs as one [1, b * s] row (THD, GPUs)."""
         for position, router in self.routers:
             replay: AgreementReplay = router.router_replay
-            replay.clear_indices()  # set_target_indices also queues for a backward recompute we never run
             if routing is None:
                 replay.clear_router_replay_action()
+                replay.target_topk_idx = None
                 continue
-            replay.set_target_indices(self._tokens(routing[:, :, position], flat).contiguous())
+            target = self._tokens(routing[:, :, position], flat).contiguous()
+            replay.target_topk_idx = target  # not set_target_indices: its backward list is Megatron's, unused
+            if replay.recomputed is not None:
+                replay.recomputed.append(target)
             replay.valid = None if valid is None else self._tokens(valid, flat)
             replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
 

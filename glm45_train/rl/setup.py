@@ -163,7 +163,8 @@ def routing_replay_for(recipe: Recipe, trainer: Trainer) -> Any:
         return None
     from glm45_train.rl.routing_replay import RoutingReplay
 
-    return RoutingReplay([trainer.model], trainer.hf.first_k_dense_replace, bool(trainer.config.sequence_parallel))
+    sequence_parallel, recompute = bool(trainer.config.sequence_parallel), recipe.train.recompute == "full"
+    return RoutingReplay([trainer.model], trainer.hf.first_k_dense_replace, sequence_parallel, recompute)
 
 
 def _pad_id(tokenizer: Any) -> int:

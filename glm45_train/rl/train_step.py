@@ -105,11 +105,13 @@ def _policy_step(loss: LossSpec, replay: Any, data_iterator: Any, model: Any) ->
 
 def _schedule(owner: Any, step_func: Any, micro: list[MicroBatch], forward_only: bool, replay: Any) -> list[dict]:
     shape = tuple(micro[0].batch.tokens.shape)
+    if replay is not None:
+        replay.begin(backward=not forward_only)
     try:
         return run_schedule(owner.model, step_func, micro, shape, forward_only)  # type: ignore[arg-type]
     finally:
         if replay is not None:  # forwards after this one (the probe's) route for themselves
-            replay.apply(None, None, flat=False)
+            replay.end()
 
 
 @torch.no_grad()
