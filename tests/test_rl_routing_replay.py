@@ -17,6 +17,7 @@ import torch
 from glm45_train.rl.batches import Sample, micro_batches
 from glm45_train.rl.engines.hf import HFEngine
 from glm45_train.rl.rollout import Request, SamplingParams, engine_routing
+from tests.test_pipeline import tiny_air_4_layers  # noqa: F401 - the 4-layer model (PP 2)
 from tests.test_rl_engine import STOP, _prompt_ids, trainer  # noqa: F401 - the module's trainer fixture
 
 
@@ -250,3 +251,20 @@ def test_full_recomputation_replays_the_same_routing_in_the_backward_pass(tiny_a
     assert recomputed["loss"] == pytest.approx(plain["loss"], rel=1e-6)
     assert recomputed["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5) and plain["grad_norm"] > 0
     assert abs(free["grad_norm"] - plain["grad_norm"]) > 1e-3 * plain["grad_norm"]
+
+
+@pytest.mark.slow
+def test_pipeline_stages_replay_and_recompute_in_schedule_order(tiny_air_4_layers, tmp_path):  # noqa: F811
+    """2 processes, PP 2 (each stage its own MoE layers), 2 micro-batches per update: the 1F1B schedule runs the
+    second micro-batch's forward before the first one's backward, so a recomputation that took the latest targets
+    would route the first micro-batch with the second's experts. Replayed with full recomputation, the run's
+    losses and gradient norms equal the run without recomputation; the engine's routing is the trainer's."""
+    from tests.test_rl_loop import run_rl
+
+    common = ("parallel.pp=2", "parallel.ep=1", "rl.routing_replay=rollout", "train.steps=2", "logging.plot=false")
+    plain = run_rl(tiny_air_4_layers, tmp_path / "plain", *common)
+    recomputed = run_rl(tiny_air_4_layers, tmp_path / "full", *common, "train.recompute=full")
+    for one, two in zip(plain, recomputed, strict=True):
+        assert one["routing_agreement"] == two["routing_agreement"] == 1.0
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-7), (one["step"], one["loss"], two["loss"])
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), one["step"]

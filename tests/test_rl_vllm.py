@@ -94,3 +94,15 @@ def test_a_server_run_killed_by_sigkill_leaves_no_server_and_resumes_to_the_same
     assert [m["step"] for m in resumed] == list(range(1, 25))
     for key in ("reward", "loss", "grad_norm", "response_length", "entropy"):
         assert [m[key] for m in resumed] == [m[key] for m in expected], key  # bit-exact, not approximately
+
+
+def test_a_bf16_engine_is_a_real_mismatch_and_tis_still_learns(tiny_air, tmp_path):
+    """The vLLM engine in bf16 beside the fp32 trainer: the mismatch is logged every step (|log pi_old - log
+    pi_engine| and the k3 KL of engine to trainer, both non-zero), and with token-level TIS the reward still rises
+    (measured when written: 0.07 -> 0.67; GSPO at its paper clip 3e-4 / 4e-4 rose only to 0.16 in these 24 steps)."""
+    metrics = run_rl(tiny_air, tmp_path / "run", *VLLM, "rl.rollout.dtype=bf16", "rl.correction.mode=tis")
+    first, last = _rise(metrics)
+    assert first < 0.25 and last > 0.5, (first, last)
+    assert min(m["logprob_gap_mean"] for m in metrics) > 1e-3
+    assert min(m["mismatch_k3"] for m in metrics) > 0
+    assert all(0 <= m["correction_truncated_fraction"] <= 1 for m in metrics)

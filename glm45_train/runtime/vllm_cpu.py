@@ -37,6 +37,11 @@ is tested (tests/test_vllm_engine.py, tests/test_serve.py).
    experts are chosen, as without LoRA. It must run inside the worker process, before the model is built:
    `serve/vllm_worker.py` applies it on import, which `--worker-extension-cls` triggers there
    (`v1/worker/worker_base.py`, `init_worker`). Expert LoRA on CPU stays unsupported (vLLM's kernel is Triton).
+6. After its shutdown is complete ("Application shutdown complete"), the API server's interpreter can take a
+   minute or more to exit on a loaded machine (finalizing Triton's bindings and the torch and multiprocessing
+   state of a process whose engine core was killed), so a server whose run was killed lingers.
+   -> the launcher (`python -m glm45_train.runtime.vllm_cpu serve`) flushes its output and exits at once when
+   vLLM's command returns (`os._exit`): the HTTP server, engine client and engine processes are already gone.
 
 Not adapted (stated where they matter): `sleep`/`wake_up` are no-ops on CPU; routing replay
 (`enable_return_routed_experts`) is GPU-only.
@@ -165,5 +170,19 @@ def keep_untargeted_moe_on_cpu_experts() -> bool:
     return True
 
 
+def exit_now(code: int) -> None:
+    """Row 6: leave without the interpreter's finalization (vLLM's own shutdown has run)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    run_cli(sys.argv[1:])
+    try:
+        run_cli(sys.argv[1:])
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+        exit_now(code)
+    exit_now(0)
