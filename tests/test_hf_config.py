@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from glm45_train.model.hf_config import ConfigError, Glm45Config, to_transformer_config
+from glm45_train.model.hf_config import REQUIRED, ConfigError, Glm45Config, to_transformer_config
 from glm45_train.model.releases import RELEASED_CONFIGS
 from glm45_train.model.tiny import tiny_config
 
@@ -84,3 +85,26 @@ def test_tiny_presets_mirror_the_releases():
         assert hf.num_attention_heads * hf.head_dim != hf.hidden_size  # kv_channels must be explicit
         assert hf.partial_rotary_factor == 0.5 and hf.num_nextn_predict_layers == 1
     assert json.dumps(tiny_config("air", 1024, [0, 1, 2]))  # serialisable as config.json
+
+
+@pytest.mark.parametrize("key", [f.name for f in dataclasses.fields(Glm45Config)])
+def test_every_left_out_key_is_required_or_read_as_transformers_reads_it(key):
+    """Walk every field: a config.json without it is refused naming it (the sizes), or read as transformers reads
+    the same file (partial_rotary_factor was once 1.0 here and 0.5 there: another model, exit 0)."""
+    from transformers import Glm4MoeConfig
+
+    raw = {k: v for k, v in AIR_RELEASE.items() if k != key}
+    if key == "head_dim":
+        raw["hidden_size"] = 96 * 128  # the release's 4096 // 96 = 42 would be refused: 42 * 0.5 is odd
+    if key in REQUIRED:
+        with pytest.raises(ConfigError, match=f"missing required key.*{key}"):
+            Glm45Config.from_dict(raw)
+        return
+    ours = getattr(Glm45Config.from_dict(raw), key)
+    theirs = Glm4MoeConfig(**raw)
+    expected = getattr(theirs, key, None)
+    if key == "head_dim":
+        expected = theirs.hidden_size // theirs.num_attention_heads  # modeling_glm4_moe's fallback
+    elif key in ("rope_theta", "partial_rotary_factor"):
+        expected = theirs.rope_parameters[key]
+    assert ours == expected, (key, ours, expected)

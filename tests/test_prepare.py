@@ -236,3 +236,33 @@ def test_missing_inputs_fail_before_any_work(tiny_tokenizer_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nowhere\.jsonl: input does not exist"):
         _prepare(tiny_tokenizer_dir, tmp_path / "out", inputs=[SAMPLE_DATA, tmp_path / "nowhere.jsonl"])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", ["keep", "non-thinking", "mixed:0.5"])
+def test_reasoning_left_in_the_answer_is_refused_in_every_mode(tiny_tokenizer_dir, chat_tokenizer, tmp_path, mode):
+    """A reasoning field plus an inline think block (the template keeps the inline one as answer text) would train
+    reasoning even in non-thinking mode: such records are dropped by line, the clean ones kept."""
+
+    def answered(**assistant):
+        return {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", **assistant}]}
+
+    records = [
+        answered(content="The answer is 4."),
+        answered(reasoning_content="FIELD", content="<think>INLINE</think>The answer is 4."),
+        answered(content="<think>A</think>x<think>B</think>4"),  # the template would drop "x<think>B" silently
+        answered(content="<think>OK</think>4"),
+    ]
+    source = tmp_path / "think.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out"
+    _prepare(tiny_tokenizer_dir, out, inputs=[source], mode=parse_mode(mode))
+    summary = _report(out)
+    dropped = [(p["line"], p["reason"]) for p in summary["problems"] if p["action"] == "dropped"]
+    assert dropped == [(2, "reasoning_in_content"), (3, "reasoning_in_content")]
+    assert summary["records"]["kept"] == 2
+    dataset = load_prepared(out)
+    text = "".join(chat_tokenizer.decode(dataset.sample(i)[0].tolist(), skip_special_tokens=False) for i in range(2))
+    assert "The answer is 4." in text and "INLINE" not in text and "FIELD" not in text, text
+    assert ("OK" in text) == (mode == "keep"), text  # a single inline block: kept, or removed in non-thinking mode
+    with pytest.raises(DataError, match=r"think.jsonl:2: reasoning_in_content: message 1 \(assistant\)"):
+        list(render_samples([source], tiny_tokenizer_dir, RenderOptions(thinking=mode == "keep")))

@@ -17,6 +17,10 @@ Notable:
   thinking off (`/nothink` on user turns, empty think blocks); `mixed:P` picks non-thinking for a seeded
   fraction P of samples, by a hash of the sample's origin so the choice does not depend on order or on other
   samples being dropped.
+- An answer that still holds `<think>`/`</think>` after the template's split (a `reasoning_content` field and an
+  inline block as well, a stray marker, a second inline block) is refused by `check_trainable`
+  (`reasoning_in_content`): the template keeps such text as the answer (every mode would train reasoning there)
+  or drops what lies between two blocks.
 """
 
 from __future__ import annotations
@@ -259,14 +263,27 @@ def check_trainable(conversation: Conversation) -> None:
     for index, message in enumerate(messages):
         if message.role != "assistant":
             continue
-        if not split_reasoning(message)[1].strip() and not message.tool_calls:
+        visible = split_reasoning(message)[1]
+        if not visible.strip() and not message.tool_calls:
             raise DataError(Reason.EMPTY_ASSISTANT, f"message {index} (assistant) has no content or tool call", origin)
+        if "<think>" in visible or "</think>" in visible or message.content.count("</think>") > 1:
+            raise DataError(Reason.REASONING_IN_CONTENT, _reasoning_in_content(index, message), origin)
         following = messages[index + 1].role if index + 1 < len(messages) else "user"
         if following not in ("user", "tool"):
             detail = f"message {index} (assistant) is followed by a {following} message; GLM-4.5 stops only on"
             raise DataError(
                 Reason.NO_STOP_AFTER_ASSISTANT, f"{detail} <|user|>, <|observation|> or <|endoftext|>", origin
             )
+
+
+def _reasoning_in_content(index: int, message: Message) -> str:
+    """Why an answer that still holds think markers is refused: the template renders them as answer text, so the
+    model would be trained to reason in its answer (in non-thinking mode too)."""
+    if message.reasoning is not None:
+        given = "reasoning_content is given and content holds another <think> block"
+    else:
+        given = "content holds more think markers than the template's one leading <think>…</think> block"
+    return f"message {index} (assistant): {given}; the template would train it as answer text or drop it silently"
 
 
 class _Segments:

@@ -35,6 +35,7 @@ class Reason(StrEnum):
     OVERLONG = "overlong"
     TRUNCATED = "truncated"
     REASONING_REMOVED = "reasoning_removed"
+    REASONING_IN_CONTENT = "reasoning_in_content"  # think markers left in the answer: trained in every mode
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@ Every GLM-4.5 feature maps onto a Megatron-Core setting (../shared/reference/glm
 layers, sigmoid router with an fp32 expert bias, group top-k, routed scaling factor, shared expert, QK-norm,
 QKV bias, partial RoPE, GQA with explicit kv_channels (96 heads x 128 != hidden), MTP layers.
 
+A key the config leaves out takes transformers' own default for glm4_moe, read from its `Glm4MoeConfig` (never
+restated here: transformers 5 defaults `partial_rotary_factor` to 0.5 and `num_nextn_predict_layers` to 1), except
+the sizes in `REQUIRED`, without which the file does not describe a model; `head_dim` is derived as transformers'
+modeling derives it (hidden_size // num_attention_heads).
+
 Two HF settings have no faithful Megatron equivalent and are refused, never approximated:
 - `norm_topk_prob: false`: Megatron always renormalises sigmoid top-k weights.
 - group-limited routing with n_group > 1 and topk // topk_group != 2: HF scores a group by its top-2 biased
@@ -13,6 +18,7 @@ Two HF settings have no faithful Megatron equivalent and are refused, never appr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +31,10 @@ from glm45_train.config.layout import ParallelLayout
 from glm45_train.errors import UserError
 
 MODEL_TYPE = "glm4_moe"
+REQUIRED = (
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "n_routed_experts", "num_experts_per_tok",
+)  # fmt: skip
 
 
 class ConfigError(UserError, ValueError):
@@ -59,7 +69,7 @@ class Glm45Config:
     tie_word_embeddings: bool
     num_nextn_predict_layers: int
     max_position_embeddings: int
-    initializer_range: float = 0.02
+    initializer_range: float
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> Glm45Config:
@@ -71,19 +81,14 @@ class Glm45Config:
         for key in ("rope_theta", "partial_rotary_factor"):
             if key in rope:
                 values[key] = rope[key]
-        values.setdefault("head_dim", _divide(raw, "hidden_size", "num_attention_heads", source))
-        values.setdefault("num_nextn_predict_layers", 0)
-        values.setdefault("n_group", 1)
-        values.setdefault("topk_group", 1)
-        values.setdefault("tie_word_embeddings", False)
-        values.setdefault("partial_rotary_factor", 1.0)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        missing = [name for name, f in fields.items() if name not in values and f.default is dataclasses.MISSING]
+        missing = [name for name in REQUIRED if name not in values]
         if missing:
             raise ConfigError(f"{source}: missing required key(s) {', '.join(missing)}")
-        config = cls(
-            **{name: _coerce(values[name], f.type, name, source) for name, f in fields.items() if name in values}
-        )
+        values.setdefault("head_dim", _divide(raw, "hidden_size", "num_attention_heads", source))
+        fields = dataclasses.fields(cls)
+        defaults = transformers_defaults()
+        values = {f.name: values[f.name] if f.name in values else defaults[f.name] for f in fields}
+        config = cls(**{f.name: _coerce(values[f.name], f.type, f.name, source) for f in fields})
         config.check_supported(source)
         return config
 
@@ -128,6 +133,15 @@ class Glm45Config:
         """Megatron's `moe_layer_freq` list: 0 = dense MLP layer, 1 = MoE layer."""
         k = self.first_k_dense_replace
         return [0] * k + [1] * (self.num_hidden_layers - k)
+
+
+@functools.cache
+def transformers_defaults() -> dict[str, Any]:
+    """What transformers' Glm4MoeConfig sets for every key a config.json leaves out (rope settings flattened)."""
+    from transformers.models.glm4_moe.configuration_glm4_moe import Glm4MoeConfig
+
+    defaults = Glm4MoeConfig().to_dict()
+    return {**defaults, **(defaults.get("rope_parameters") or {})}
 
 
 def _divide(raw: dict[str, Any], num: str, den: str, source: str) -> int:

@@ -17,7 +17,10 @@ from pathlib import Path
 
 
 def report(message: str) -> None:
-    print(f"probe rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: {message}", flush=True)
+    """One line in one write: both ranks share the job's log, and print's separate write of the newline let
+    another rank's line land in between (seen once in CI as two reports on one line)."""
+    line = f"probe rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: {message}\n"
+    os.write(sys.stdout.fileno(), line.encode())
 
 
 def quick() -> None:
