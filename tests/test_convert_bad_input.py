@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from glm45_train.cli.main import main as cli
 from glm45_train.convert.sources import HFTensorSource
@@ -127,3 +128,51 @@ def test_output_dir_that_would_replace_the_source(broken_copy, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "would replace the source" in err
     assert (broken_copy / "config.json").exists()
+
+
+def _rewrite_tensor(source: Path, tensor: str, change) -> None:
+    """Replace one tensor of its shard by `change(tensor)` (the shard's other tensors and metadata kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shard = source / shard_of(source, tensor)
+    with safe_open(shard, "pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (no __iter__)
+        metadata = handle.metadata()
+    tensors[tensor] = change(tensors[tensor])
+    save_file(tensors, shard, metadata=metadata)
+
+
+def test_a_non_float_weight_is_refused_at_the_door_naming_it(broken_copy, tmp_path, capsys):
+    """An int32 weight once converted (exit 0) and broke --to-hf later with KeyError 'I32'."""
+    name = "model.layers.1.mlp.experts.3.down_proj.weight"
+    _rewrite_tensor(broken_copy, name, lambda t: t.to(torch.int32))
+    out = tmp_path / "out"
+    assert_failed_cleanly(export_to_mcore(broken_copy, out), out, capsys, name, "I32")
+
+
+def test_fp16_and_non_finite_sources_convert_with_a_warning_naming_them(broken_copy, tmp_path, capsys):
+    """Converted as they are (the user may mean it) but said: FP16 tensors, and NaN/Inf counts per tensor."""
+    _rewrite_tensor(broken_copy, "model.norm.weight", lambda t: t.to(torch.float16))
+    poisoned = "model.layers.0.self_attn.o_proj.weight"
+
+    def poison(tensor):
+        tensor = tensor.clone()
+        tensor.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+        return tensor
+
+    _rewrite_tensor(broken_copy, poisoned, poison)
+    assert export_to_mcore(broken_copy, tmp_path / "out", "--dtype", "fp32") == 0
+    printed = capsys.readouterr().out
+    assert "1 source tensor(s) are F16 (e.g. model.norm.weight)" in printed, printed
+    assert "NaN/Inf values in 1 tensor(s): decoder.layers.0.self_attention.linear_proj.weight (3)" in printed, printed
+
+
+def test_non_finite_count_needs_no_full_size_temporary():
+    from glm45_train.convert.sources import non_finite_count
+
+    big = torch.full((1000, 1000), 3e38, dtype=torch.float32)  # a sum would overflow: the check does not
+    assert non_finite_count(big) == 0 and non_finite_count(big[:0]) == 0
+    big[7, 7], big[999, 999] = float("nan"), float("inf")
+    assert non_finite_count(big, block_elements=4096) == 2
+    assert non_finite_count(torch.arange(5)) == 0  # integers hold no NaN

@@ -28,9 +28,8 @@ from glm45_train.errors import UserError
 from glm45_train.formats.buffers import BufferPool, ByteBudget, Workers, read_ahead
 from glm45_train.formats.hf_io import StreamingHFWriter
 from glm45_train.formats.progress import ConversionSummary, NullProgress, Progress
+from glm45_train.formats.safetensors_format import WEIGHT_DTYPES
 from glm45_train.model.hf_layout import EXPERT_BIAS_KEY, hf_tensor_shapes
-
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 
 def mcore_to_hf(
@@ -184,7 +183,7 @@ def _hf_dtype_lookup(metadata: dict[str, Any]):
     recorded = metadata.get("hf_dtypes")
     if recorded:
         default, exceptions = recorded["default"], recorded["exceptions"]
-        return lambda name: SAFETENSORS_DTYPES[exceptions.get(name, default)]
+        return lambda name: WEIGHT_DTYPES[exceptions.get(name, default)]
     config = metadata["source"]["config"]
     config_dtype = getattr(torch, config.get("torch_dtype") or config.get("dtype") or "bfloat16")
     return lambda name: torch.float32 if name.endswith(EXPERT_BIAS_KEY) else config_dtype

@@ -50,6 +50,7 @@ from glm45_train.errors import UserError
 from glm45_train.formats.buffers import BufferPool
 from glm45_train.formats.fp8 import DequantisingReader
 from glm45_train.formats.progress import ConversionSummary, NullProgress, Progress
+from glm45_train.formats.safetensors_format import WEIGHT_DTYPES
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CHECKPOINT_VERSION = 3.0  # Megatron-LM's current `checkpoint_version`
@@ -89,7 +90,31 @@ def hf_to_mcore(
     finally:
         (progress or NullProgress()).close()
     summary.tensors, summary.bytes = chunks.tensors_done, chunks.bytes_done
+    summary.notes.extend(source_notes(hf_dtypes, _gathered(source.non_finite)))
     return _reduce_over_ranks(summary.finish())
+
+
+def source_notes(hf_dtypes: dict[str, str], non_finite: dict[str, int]) -> list[str]:
+    """What the user should know about the source: FP16 tensors (GLM-4.5 was released in BF16; fp16's range is
+    narrower and its values were rounded differently) and tensors holding NaN or Inf (converted as they are)."""
+    notes = []
+    fp16 = sorted(name for name, dtype in hf_dtypes.items() if dtype == "F16")
+    if fp16:
+        notes.append(f"warning: {len(fp16)} source tensor(s) are F16 (e.g. {fp16[0]}): not the released BF16 weights")
+    if non_finite:
+        listed = ", ".join(f"{name} ({count})" for name, count in sorted(non_finite.items())[:5])
+        more = f" and {len(non_finite) - 5} more" if len(non_finite) > 5 else ""
+        notes.append(f"warning: NaN/Inf values in {len(non_finite)} tensor(s): {listed}{more}; converted as they are")
+    return notes
+
+
+def _gathered(counts: dict[str, int]) -> dict[str, int]:
+    """Every rank's part of a per-tensor count (each rank reads the tensors it writes)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return counts
+    parts: list[dict[str, int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, counts)
+    return {name: count for part in parts for name, count in (part or {}).items()}
 
 
 def validated_hf_source(hf_dir: Path, pool: BufferPool | None = None) -> tuple[HFTensorSource, dict[str, str]]:
@@ -101,7 +126,12 @@ def validated_hf_source(hf_dir: Path, pool: BufferPool | None = None) -> tuple[H
     # index, shards present, config (model_type), tensor names
     source = HFTensorSource(hf_dir, pool=pool, verify_copies=True)
     specs = source.reader.tensor_specs()  # every shard header: truncated files, tensors missing from a shard
-    for name, (shape, _) in specs.items():
+    for name, (shape, dtype) in specs.items():
+        if dtype not in WEIGHT_DTYPES:  # FP8 weights report BF16 (dequantised as read)
+            raise UserError(
+                f"{hf_dir}: tensor {name} is {dtype}; GLM-4.5 weights are floating point "
+                f"({', '.join(WEIGHT_DTYPES)}, or FP8 with scales): not a checkpoint this converter can read back"
+            )
         source.mapping.check_shape(name, torch.empty(shape, device="meta"))
     return source, {name: dtype for name, (_, dtype) in specs.items()}
 

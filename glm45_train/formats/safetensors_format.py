@@ -37,6 +37,7 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+WEIGHT_DTYPES = {name: DTYPES[name] for name in ("BF16", "F16", "F32", "F64")}  # model weights, read and written
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit
 
 
