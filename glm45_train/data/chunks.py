@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from glm45_train.data.conversation import DataError, Origin
-from glm45_train.data.sources import iter_records, source_kind
+from glm45_train.data.sources import UTF8_BOM, iter_records, jsonl_lines, source_kind
 from glm45_train.data.workers import Chunk
 
 
@@ -41,16 +41,16 @@ def progress_total(inputs: Sequence[str | Path]) -> int | None:
 def _jsonl_chunks(path: Path, size: int) -> Iterator[Chunk]:
     source = str(path)
     lines: list[tuple[int, bytes]] = []
-    progress = 0
     with path.open("rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            progress += len(raw)
-            if not raw.strip():
-                continue
-            lines.append((line_number, raw))
-            if len(lines) == size:
-                yield Chunk(source, lines=tuple(lines), progress=progress)
-                lines, progress = [], 0
+        progress = len(UTF8_BOM) if handle.read(len(UTF8_BOM)) == UTF8_BOM else 0  # the bar counts file bytes
+    for line_number, raw in jsonl_lines(path):
+        progress += len(raw)
+        if not raw.strip():
+            continue
+        lines.append((line_number, raw))
+        if len(lines) == size:
+            yield Chunk(source, lines=tuple(lines), progress=progress)
+            lines, progress = [], 0
     if lines or progress:
         yield Chunk(source, lines=tuple(lines), progress=progress)
 

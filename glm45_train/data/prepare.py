@@ -30,6 +30,7 @@ from collections import Counter, deque
 from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -197,8 +198,10 @@ def prepare_dataset(
                 bar.update(result.progress)
                 bar.set_postfix_str(f"{report.records_read:,} records", refresh=False)
         if not writer.lengths:
-            dropped = ", ".join(f"{reason}: {n}" for reason, n in report.count("dropped").items())
-            raise UserError(f"no usable samples in {', '.join(map(str, inputs))} (dropped {dropped or 'none'})")
+            dropped = ", ".join(f"{reason} {n}" for reason, n in report.count("dropped").items())
+            read = f"{report.records_read} record(s) read" if report.records_read else "no record: only blank lines"
+            why = f"{read}, dropped: {dropped}" if dropped else read
+            raise UserError(f"no usable samples in {', '.join(map(str, inputs))} ({why})")
         bins = pack_first_fit_decreasing(writer.lengths, options.max_length) if options.pack else None
         report.bins = len(bins) if bins is not None else len(writer.lengths)
         rows = bins if bins is not None else [[i] for i in range(len(writer.lengths))]
@@ -269,8 +272,8 @@ def _write(writer: PreparedWriter, report: PrepareReport, result: ChunkResult) -
     """Append one chunk's samples, or raise the error that stops the run."""
     if result.stop is not None:
         raise DataError(*result.stop)
-    ends = np.cumsum(result.lengths).tolist()
-    for start, end in zip([0, *ends[:-1]], ends, strict=True):
+    bounds = [0, *np.cumsum(result.lengths).tolist()]  # a chunk may keep no sample: no bounds then
+    for start, end in pairwise(bounds):
         writer.add(result.input_ids[start:end], result.loss_mask[start:end])
     writer.flush()
     report.add(result)

@@ -91,22 +91,32 @@ def iter_records(spec: str | Path) -> Iterator[RecordOrError]:
         yield from _rows(_load_saved_dataset(path), str(path))
 
 
-def _jsonl_records(path: Path) -> Iterator[RecordOrError]:
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of every line, a leading UTF-8 byte-order mark removed (editors on
+    Windows write one; it made the first record malformed JSON)."""
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            origin = Origin(str(path), line_number)
-            try:
-                yield origin, json.loads(raw.decode("utf-8").rstrip())
-            except UnicodeDecodeError as exc:
-                yield DataError(Reason.MALFORMED_JSON, f"not valid UTF-8 ({exc.reason})", origin)
-            except json.JSONDecodeError as exc:
-                yield DataError(Reason.MALFORMED_JSON, f"{exc.msg} at column {exc.colno}", origin)
+            yield line_number, raw.removeprefix(UTF8_BOM) if line_number == 1 else raw
+
+
+def _jsonl_records(path: Path) -> Iterator[RecordOrError]:
+    for line_number, raw in jsonl_lines(path):
+        if not raw.strip():
+            continue
+        origin = Origin(str(path), line_number)
+        try:
+            yield origin, json.loads(raw.decode("utf-8").rstrip())
+        except UnicodeDecodeError as exc:
+            yield DataError(Reason.MALFORMED_JSON, f"not valid UTF-8 ({exc.reason})", origin)
+        except json.JSONDecodeError as exc:
+            yield DataError(Reason.MALFORMED_JSON, f"{exc.msg} at column {exc.colno}", origin)
 
 
 def _json_records(path: Path) -> Iterator[RecordOrError]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     if not text.lstrip().startswith("["):
         yield from _jsonl_records(path)  # JSON lines saved under a .json name
         return
