@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from glm45_train.config.recipe import RecipeError, check_trainable_layout, load_recipe, validate_layout
@@ -37,10 +39,18 @@ def test_defaults_and_overrides(recipe_file):
         (["data.mode=mixed:1.5"], "data.mode"),
         (["train.min_lr=1"], "train.min_lr"),
         (["oops"], "key=value"),
+        (["train.lr=nan"], "'train.lr': nan is not a finite number"),  # once crashed after the run folder existed
+        (["eval.split=1.5"], "'eval.split': 1.5 is outside [0.0, 1.0)"),  # once blamed global_batch_size
+        (["rl.grpo.clip_high=inf"], "'rl.grpo.clip_high': inf is not a finite number"),
+        (["train.lr=0"], "'train.lr': 0.0 is outside (0.0, ∞)"),
+        (["train.micro_batch_size=0"], "'train.micro_batch_size': 0 is outside [1, ∞)"),
+        (["checkpoint.interval=0"], "checkpoint.interval"),
     ],
 )
 def test_bad_values_name_the_key(recipe_file, overrides, message):
-    with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace(".", r"\.")):
+    with pytest.raises(
+        RecipeError, match=re.escape(message) if "'" in message else message.replace("[", r"\[").replace(".", r"\.")
+    ):
         load_recipe(recipe_file, overrides)
 
 

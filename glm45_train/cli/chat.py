@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from glm45_train.cli.arg_types import non_negative_float, positive_int
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("chat", help="chat with an exported HF checkpoint (streams tokens)")
@@ -12,8 +14,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--adapter", help="an HF-PEFT adapter directory to load on MODEL_DIR")
     parser.add_argument("--thinking", choices=["on", "off"], default="on")
     parser.add_argument("--prompt", help="answer this one message and exit (otherwise: interactive)")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=512)
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
     parser.set_defaults(func=run)
 

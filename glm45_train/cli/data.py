@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from glm45_train.cli.arg_types import positive_int
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("data", help="render and prepare chat data in the GLM-4.5 format")
@@ -48,7 +50,7 @@ def _add_prepare_parser(commands) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files, saved datasets or ModelScope IDs")
     parser.add_argument("--tokenizer", required=True, metavar="DIR", help="directory holding tokenizer.json")
     parser.add_argument("--output-dir", required=True, metavar="DIR")
-    parser.add_argument("--max-length", required=True, type=int, metavar="N", help="tokens per sample / row")
+    parser.add_argument("--max-length", required=True, type=positive_int, metavar="N", help="tokens per sample / row")
     parser.add_argument("--mode", default="keep", help="keep | non-thinking | mixed:P (default: keep)")
     parser.add_argument("--pack", action="store_true", help="pack whole samples into rows of --max-length")
     parser.add_argument(
@@ -66,7 +68,7 @@ def _add_prepare_parser(commands) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the mixed:P choice (default: 0)")
     parser.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="processes that parse, render and tokenize; the output does not depend on it "
         "(default: the CPUs available, at most 32)",
@@ -101,8 +103,12 @@ def run_render(args: argparse.Namespace) -> int:
 
 def run_prepare(args: argparse.Namespace) -> int:
     from glm45_train.data.chat import parse_mode
-    from glm45_train.data.prepare import PrepareOptions, default_workers, prepare_dataset
+    from glm45_train.data.prepare import PrepareOptions, available_cpus, default_workers, prepare_dataset
 
+    workers = default_workers() if args.workers is None else args.workers
+    if workers > 2 * available_cpus():  # one process per chunk only competes for the same CPUs
+        print(f"--workers {workers}: capped at {2 * available_cpus()} (twice the CPUs available)", file=sys.stderr)
+        workers = 2 * available_cpus()
     options = PrepareOptions(
         max_length=args.max_length,
         mode=parse_mode(args.mode),
@@ -112,7 +118,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         seed=args.seed,
         train_empty_think=not args.no_train_empty_think,
         show_progress=not args.no_progress,
-        workers=default_workers() if args.workers is None else args.workers,
+        workers=workers,
     )
     output_dir = Path(args.output_dir)
     report = prepare_dataset(args.inputs, Path(args.tokenizer), output_dir, options).to_json(options)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from glm45_train.cli.arg_types import positive_int
+
 LAYOUT_FLAGS = ("tp", "pp", "ep", "etp")
 
 
@@ -26,9 +28,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", required=True, metavar="SRC", help="HF dir / ModelScope ID, or Megatron dir")
     parser.add_argument("--output-dir", required=True, metavar="DIR")
     for flag in LAYOUT_FLAGS:
-        parser.add_argument(
-            f"--{flag}", type=_positive_int, default=None, metavar="N", help=f"{flag} size (--to-mcore)"
-        )
+        parser.add_argument(f"--{flag}", type=positive_int, default=None, metavar="N", help=f"{flag} size (--to-mcore)")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="mcore dtype (default bf16)")
     lora = parser.add_mutually_exclusive_group()
     lora.add_argument("--merge-lora", action="store_true", help="LoRA run: a full HF checkpoint (the default)")
@@ -37,13 +37,6 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,6 +8,9 @@ Comments name the ms-swift flag each key corresponds to, for users coming from `
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,7 +173,6 @@ def _explain(err: Any) -> str:
 
 def _closest_key(full_key: str) -> str | None:
     """The known key closest to a misspelt one, e.g. 'trian.lr' -> 'train', 'train.lrr' -> 'train.lr'."""
-    import dataclasses
     import difflib
 
     *parents, leaf = full_key.split(".")
@@ -187,10 +189,63 @@ def _closest_key(full_key: str) -> str | None:
     return ".".join([*parents, match[0]]) if match else None
 
 
+# (key, lowest, highest, whether the bounds are included): numbers outside crash later or train nonsense.
+RANGES: tuple[tuple[str, float, float, tuple[bool, bool]], ...] = (
+    ("train.lr", 0.0, math.inf, (False, False)),
+    ("train.min_lr", 0.0, math.inf, (True, False)),
+    ("train.weight_decay", 0.0, math.inf, (True, False)),
+    ("train.adam_beta1", 0.0, 1.0, (True, False)),
+    ("train.adam_beta2", 0.0, 1.0, (True, False)),
+    ("train.clip_grad", 0.0, math.inf, (True, False)),
+    ("train.aux_loss_coeff", 0.0, math.inf, (True, False)),
+    ("train.mtp_loss_weight", 0.0, math.inf, (True, False)),
+    ("train.micro_batch_size", 1, math.inf, (True, False)),
+    ("train.global_batch_size", 1, math.inf, (True, False)),
+    ("train.recompute_num_layers", 1, math.inf, (True, False)),
+    ("data.max_length", 1, math.inf, (True, False)),
+    ("lora.alpha", 0.0, math.inf, (False, False)),
+    ("lora.dropout", 0.0, 1.0, (True, False)),
+    ("checkpoint.interval", 1, math.inf, (True, False)),
+    ("checkpoint.keep_last", 1, math.inf, (True, False)),
+    ("eval.split", 0.0, 1.0, (True, False)),
+    ("eval.interval", 1, math.inf, (True, False)),
+    ("logging.interval", 1, math.inf, (True, False)),
+)
+
+
+def check_numbers(recipe: Any) -> None:
+    """No NaN or infinity anywhere in the recipe (rl keys too), and the keys of `RANGES` inside their range."""
+    for key, value in _numbers(recipe, ""):
+        if not math.isfinite(value):
+            raise RecipeError(f"key '{key}': {value} is not a finite number")
+    for key, low, high, (low_in, high_in) in RANGES:
+        value = _lookup(recipe, key)
+        if not ((low <= value if low_in else low < value) and (value <= high if high_in else value < high)):
+            interval = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}".replace("inf", "∞")
+            raise RecipeError(f"key '{key}': {value} is outside {interval}")
+
+
+def _numbers(section: Any, prefix: str) -> Iterator[tuple[str, float]]:
+    for item in dataclasses.fields(section):
+        value = getattr(section, item.name)
+        key = f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _numbers(value, key + ".")
+        elif isinstance(value, float):
+            yield key, value
+
+
+def _lookup(section: Any, key: str) -> Any:
+    for name in key.split("."):
+        section = getattr(section, name)
+    return section
+
+
 def check_values(recipe: Recipe) -> None:
     def fail(key: str, why: str) -> None:
         raise RecipeError(f"key '{key}': {why}")
 
+    check_numbers(recipe)
     try:
         recipe.parallel.layout()
     except ValueError as err:

@@ -76,11 +76,14 @@ MAX_DEFAULT_WORKERS = 32
 
 def default_workers() -> int:
     """The CPUs this process may run on, at most MAX_DEFAULT_WORKERS."""
+    return max(1, min(available_cpus(), MAX_DEFAULT_WORKERS))
+
+
+def available_cpus() -> int:
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, MAX_DEFAULT_WORKERS))
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
