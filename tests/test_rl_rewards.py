@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import textwrap
 import uuid
@@ -455,3 +456,27 @@ def test_repeated_names_get_distinct_keys_and_the_set_pickles():
     scores = rewards.score(inputs)
     assert scores.per_function == {"contains": [1.0, 0.0], "contains#2": [0.0, 1.0]}
     assert pickle.loads(pickle.dumps(rewards)).score(inputs) == scores  # ready for a process pool
+
+
+def test_the_console_script_finds_a_reward_module_in_the_working_directory(tmp_path):
+    """`glm45-train rl` (the console script, whose sys.path holds its bin directory, not the working directory)
+    once failed to import a `rewards.py` that `torchrun -m` found; checked before any process starts."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("glm45-train")
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny_grpo.yaml"
+    (tmp_path / "my_rewards.py").write_text("def says_hi(response, **_):\n    return float('hi' in response)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def run(name):
+        argv = [str(script), "rl", str(recipe), f"rl.rewards=[{{name: '{name}'}}]", "--print-config"]
+        return subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    assert shutil.which(str(script)), script
+    found = run("my_rewards:says_hi")
+    assert found.returncode == 0, found.stderr[-2000:]
+    missing = run("no_such_rewards:says_hi")  # negative control: the check is real
+    assert missing.returncode == 2 and "no module 'no_such_rewards' on sys.path" in missing.stderr, missing.stderr

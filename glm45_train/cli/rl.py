@@ -35,9 +35,10 @@ def run(args: argparse.Namespace) -> int:
         return 0 if rehearsal.passed else 1
     recipe = load_recipe(args.recipe, args.overrides)
     check_rl_values(recipe)
-    from glm45_train.rl.setup import check_engine_support
+    from glm45_train.rl.setup import check_engine_support, reward_set
 
     check_engine_support(recipe)
+    reward_set(recipe)  # the rewards resolve (user modules import) before any process or folder exists
     if args.print_config:
         print(OmegaConf.to_yaml(OmegaConf.structured(recipe)), end="")
         return 0

@@ -1,13 +1,17 @@
 """User rewards: `"package.module:function"` named in the recipe, imported with importlib.
 
-The module is imported as Python imports anything (it must be on `sys.path`: installed, or in the directory the
-run starts from). Every way this can go wrong — no such module, an error while importing it, no such attribute,
+The module is imported as Python imports anything, from `sys.path` plus the directory the run starts from (the
+`glm45-train` console script's sys.path holds its bin directory instead, `torchrun -m` the working directory:
+both find a `rewards.py` beside the recipe the user runs from; appended, so it never shadows an installed
+package). Every way this can go wrong — no such module, an error while importing it, no such attribute,
 not callable — is a `UserError` naming the recipe key and the spec.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 from glm45_train.errors import UserError
 from glm45_train.rl.rewards.base import RewardFn
@@ -18,6 +22,8 @@ def load_user_reward(spec: str, where: str) -> RewardFn:
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise UserError(f"{where}: reward {spec!r} is neither a built-in nor 'package.module:function'")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         target: object = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
