@@ -44,3 +44,23 @@ def test_interactive_session_keeps_history_and_resets(tiny_chat):
 def test_one_shot_cli_streams_a_reply(tiny_air, capsys):
     assert main(["chat", str(tiny_air), "--prompt", "你好", "--thinking", "off", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_chat_on_a_directory_it_cannot_use_says_why(tiny_air, mcore_dirs, tmp_path, capsys):
+    """A folder without a tokenizer, an empty one, a Megatron checkpoint: each once a transformers traceback about a
+    missing `model_type`."""
+    import shutil
+
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_air, no_tokenizer)
+    (no_tokenizer / "tokenizer_config.json").unlink()
+    (tmp_path / "empty").mkdir()
+    cases = {
+        no_tokenizer: "no tokenizer (tokenizer_config.json)",
+        tmp_path / "empty": "no config.json",
+        mcore_dirs["air"]: "a Megatron checkpoint, not an HF one; export it first: glm45-train export --to-hf",
+    }
+    for directory, why in cases.items():
+        assert main(["chat", str(directory), "--prompt", "hi"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{directory}: {why}" in err, err

@@ -176,3 +176,22 @@ def test_non_finite_count_needs_no_full_size_temporary():
     big[7, 7], big[999, 999] = float("nan"), float("inf")
     assert non_finite_count(big, block_elements=4096) == 2
     assert non_finite_count(torch.arange(5)) == 0  # integers hold no NaN
+
+
+@pytest.mark.parametrize(
+    ("damage", "culprits"),
+    [
+        ({"latest_checkpointed_iteration.txt": "garbage\n"}, ["latest_checkpointed_iteration.txt", "'garbage'"]),
+        ({"latest_checkpointed_iteration.txt": "7\n"}, ["points at iter_0000007", "missing or incomplete"]),
+        ({"glm45_train.json": "{not json"}, ["glm45_train.json: damaged, not JSON"]),
+    ],
+)
+def test_a_damaged_checkpoint_directory_is_named_not_a_traceback(mcore_dirs, tmp_path, capsys, damage, culprits):
+    """A garbage or dangling tracker and a corrupt glm45_train.json once gave ValueError/JSONDecodeError
+    tracebacks; the dangling one said there was no tracker file at all."""
+    damaged = Path(shutil.copytree(mcore_dirs["air"], tmp_path / "damaged"))
+    for name, text in damage.items():
+        (damaged / name).write_text(text)
+    out = tmp_path / "out"
+    code = cli(["export", "--to-hf", "--model", str(damaged), "--output-dir", str(out), "--no-progress"])
+    assert_failed_cleanly(code, out, capsys, *culprits)

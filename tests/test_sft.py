@@ -171,3 +171,18 @@ def test_full_sft_without_mtp_loss_builds_no_mtp_and_exports_the_base_mtp(megatr
     assert len(own) > 10 and all(torch.equal(exported.get(n), base.get(n)) for n in own), "MTP not the base's"
     trained = "model.layers.0.self_attn.o_proj.weight"
     assert not torch.equal(exported.get(trained), base.get(trained))  # negative control: the rest was trained
+
+
+def test_resume_from_a_dangling_or_garbage_pointer_names_the_file(tmp_path):
+    """Once a RuntimeError traceback; now the user error every command prints as one line."""
+    from glm45_train.errors import UserError
+    from glm45_train.train.checkpoint import LATEST, latest_step
+
+    (tmp_path / LATEST).write_text("12\n")
+    with pytest.raises(UserError, match=r"latest_checkpointed_iteration.txt: points at '12', which is not a complete"):
+        latest_step(tmp_path)
+    (tmp_path / "iter_0000012").mkdir()
+    assert latest_step(tmp_path) == 12
+    (tmp_path / LATEST).write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(UserError, match="which is not a complete checkpoint"):
+        latest_step(tmp_path)

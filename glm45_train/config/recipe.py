@@ -103,7 +103,7 @@ class CheckpointSection:
 @dataclass
 class EvalSection:
     split: float = 0.01  # --split_dataset_ratio
-    interval: int = 200  # --eval_steps / --eval_interval
+    interval: int = 200  # --eval_steps / --eval_interval; 0 = no evaluation
 
 
 @dataclass
@@ -208,7 +208,7 @@ RANGES: tuple[tuple[str, float, float, tuple[bool, bool]], ...] = (
     ("checkpoint.interval", 1, math.inf, (True, False)),
     ("checkpoint.keep_last", 1, math.inf, (True, False)),
     ("eval.split", 0.0, 1.0, (True, False)),
-    ("eval.interval", 1, math.inf, (True, False)),
+    ("eval.interval", 0, math.inf, (True, False)),  # 0: no evaluation
     ("logging.interval", 1, math.inf, (True, False)),
 )
 

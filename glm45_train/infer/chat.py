@@ -17,6 +17,8 @@ from typing import Any, TextIO
 
 import torch
 
+from glm45_train.errors import UserError
+
 
 @dataclass
 class ChatSession:
@@ -59,6 +61,7 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]], thinking: bool
 def load_for_chat(model_dir: str | Path, adapter: str | Path | None = None, dtype: str = "auto") -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_chat_dir(Path(model_dir), adapter)
     torch_dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
@@ -68,6 +71,27 @@ def load_for_chat(model_dir: str | Path, adapter: str | Path | None = None, dtyp
 
         model = PeftModel.from_pretrained(model, str(adapter)).eval()
     return model, AutoTokenizer.from_pretrained(adapter if _has_tokenizer(adapter) else model_dir)
+
+
+def check_chat_dir(model_dir: Path, adapter: str | Path | None) -> None:
+    """What chat needs before transformers is asked (its errors blame a missing `model_type`): an HF export with
+    its config and weights, and a tokenizer with it or with the adapter."""
+    from glm45_train.convert.torch_dist.directory import METADATA_NAME, TRACKER_NAME
+
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir}: no such directory")
+    if (model_dir / TRACKER_NAME).exists() or (model_dir / METADATA_NAME).exists():
+        raise UserError(
+            f"{model_dir}: a Megatron checkpoint, not an HF one; export it first: "
+            f"glm45-train export --to-hf --model {model_dir} --output-dir DIR"
+        )
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir}: no config.json (not an HF model directory)")
+    if not any(model_dir.glob("*.safetensors")):
+        raise UserError(f"{model_dir}: no *.safetensors weights")
+    if not (_has_tokenizer(model_dir) or _has_tokenizer(adapter)):
+        where = f"{model_dir} or {adapter}" if adapter is not None else str(model_dir)
+        raise UserError(f"{where}: no tokenizer (tokenizer_config.json); copy the base model's tokenizer files in")
 
 
 def _has_tokenizer(directory: str | Path | None) -> bool:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from glm45_train.errors import UserError
 from glm45_train.train.batches import DataPosition
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -35,9 +36,12 @@ def latest_step(ckpt_dir: Path) -> int | None:
     pointer = ckpt_dir / LATEST
     if not pointer.exists():
         return None
-    text = pointer.read_text().strip()
+    text = pointer.read_text(errors="replace").strip()
     if not text.isdigit() or not iteration_dir(ckpt_dir, int(text)).is_dir():
-        raise RuntimeError(f"{pointer}: points at {text!r}, which is not a complete checkpoint in {ckpt_dir}")
+        raise UserError(
+            f"{pointer}: points at {text[:40]!r}, which is not a complete checkpoint in {ckpt_dir} "
+            "(restore the iteration, or point the file at one that exists)"
+        )
     return int(text)
 
 

@@ -112,10 +112,17 @@ class McoreCheckpointDir:
         path = Path(path)
         if not path.is_dir():
             raise NotAnMcoreCheckpoint(f"{path}: no such directory")
-        if (path / TRACKER_NAME).exists():
+        tracker = path / TRACKER_NAME
+        if tracker.exists():
             self.root = path
-            iteration = (path / TRACKER_NAME).read_text().strip()
+            iteration = tracker.read_text(errors="replace").strip()
+            if iteration != RELEASE and not iteration.isdigit():
+                raise NotAnMcoreCheckpoint(f"{tracker}: holds {iteration[:40]!r}, not {RELEASE!r} or an iteration")
             self.checkpoint = path / iteration_dir_name(iteration)
+            if not (self.checkpoint / "metadata.json").exists():
+                raise NotAnMcoreCheckpoint(
+                    f"{tracker}: points at {self.checkpoint.name}, which is missing or incomplete (no metadata.json)"
+                )
         else:
             self.root, self.checkpoint = path.parent, path
         if not (self.checkpoint / "metadata.json").exists():
@@ -127,7 +134,10 @@ class McoreCheckpointDir:
     def _read_metadata(self) -> dict[str, Any]:
         for candidate in (self.root / METADATA_NAME, self.checkpoint / METADATA_NAME):
             if candidate.exists():
-                return json.loads(candidate.read_text())
+                try:
+                    return json.loads(candidate.read_text())
+                except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                    raise NotAnMcoreCheckpoint(f"{candidate}: damaged, not JSON ({err})") from None
         raise NotAnMcoreCheckpoint(
             f"{self.root}: no {METADATA_NAME}; it records the HF config needed to export "
             "(convert with `glm45-train export --to-mcore`)"
