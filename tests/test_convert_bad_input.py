@@ -195,3 +195,19 @@ def test_a_damaged_checkpoint_directory_is_named_not_a_traceback(mcore_dirs, tmp
     out = tmp_path / "out"
     code = cli(["export", "--to-hf", "--model", str(damaged), "--output-dir", str(out), "--no-progress"])
     assert_failed_cleanly(code, out, capsys, *culprits)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"num_hidden_layers": 2}, "config.json num_hidden_layers is 2, the shards hold 3 layers"),
+        ({"num_nextn_predict_layers": 0}, "num_nextn_predict_layers is 0 (1 when config.json leaves it out"),
+        ({"n_routed_experts": 16}, "config.json n_routed_experts is 16, the shards hold 8"),
+    ],
+)
+def test_a_wrong_count_in_the_config_is_named_before_the_tensors(broken_copy, tmp_path, capsys, change, named):
+    """Once reported only as 44 'tensors no rule covers'."""
+    config = json.loads((broken_copy / "config.json").read_text())
+    (broken_copy / "config.json").write_text(json.dumps({**config, **change}))
+    out = tmp_path / "out"
+    assert_failed_cleanly(export_to_mcore(broken_copy, out), out, capsys, f"config: {named}")

@@ -15,6 +15,7 @@ Names are the GPTModel state_dict names at TP=PP=EP=1. Sharding (TP/PP/EP) is no
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +132,34 @@ class Glm45Mapping:
         if missing:
             problems.append(f"{len(missing)} expected tensor(s) missing: {_preview(missing)}")
         if problems:
-            raise MappingError("checkpoint does not match the glm4_moe config: " + "; ".join(problems))
+            counts = self._count_mismatch(names)
+            raise MappingError(
+                "checkpoint does not match the glm4_moe config: "
+                + "; ".join([*counts, *problems] if counts else problems)
+            )
+
+    def _count_mismatch(self, names: set[str]) -> list[str]:
+        """The config keys whose counts disagree with the shards (layers, MTP layers, experts), named first: one
+        wrong number otherwise shows as dozens of uncovered or missing tensors."""
+        layers: dict[int, set[str]] = {}
+        for name in names:
+            match = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+            if match:
+                layers.setdefault(int(match[1]), set()).add(match[2])
+        mtp = sum(any(rest.startswith("eh_proj.") for rest in parts) for parts in layers.values())
+        decoder = len(layers) - mtp
+        experts = {int(m[1]) for n in names if (m := re.search(r"\.mlp\.experts\.(\d+)\.", n))}
+        hf, found = self.hf, []
+        if decoder != hf.num_hidden_layers:
+            found.append(f"config.json num_hidden_layers is {hf.num_hidden_layers}, the shards hold {decoder} layers")
+        if mtp != hf.num_nextn_predict_layers:
+            found.append(
+                f"num_nextn_predict_layers is {hf.num_nextn_predict_layers} (1 when config.json leaves it out, as in "
+                f"transformers), the shards hold {mtp} MTP layer(s) (layers with eh_proj)"
+            )
+        if experts and len(experts) != hf.n_routed_experts:
+            found.append(f"config.json n_routed_experts is {hf.n_routed_experts}, the shards hold {len(experts)}")
+        return found
 
     def check_shape(self, hf_name: str, tensor: torch.Tensor) -> None:
         expected = self._shapes.get(hf_name)
