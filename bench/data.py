@@ -77,7 +77,7 @@ def time_raw_tokenizer(texts: list[str], tokenizer_dir: Path) -> tuple[Clock, in
 
 
 def time_prepare(data: Path, tokenizer_dir: Path, out: Path, pack: bool, workers: int) -> tuple[Clock, dict]:
-    options = PrepareOptions(max_length=PACK_LENGTH, pack=pack, show_progress=False, workers=workers)
+    options = PrepareOptions(max_length=PACK_LENGTH, pack=pack, show_progress=False, workers=workers, overwrite=True)
     with Clock() as clock:
         prepare_dataset([data], tokenizer_dir, out, options)
     return clock, json.loads((out / "report.json").read_text(encoding="utf-8"))

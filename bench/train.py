@@ -24,7 +24,9 @@ def prepare(work: Path) -> tuple[Path, Path]:
     from glm45_train.model.tiny import make_tiny
 
     hf_dir = make_tiny(work / "hf", preset="air")
-    options = PrepareOptions(max_length=512, mode=parse_mode("non-thinking"), pack=True, show_progress=False)
+    options = PrepareOptions(
+        max_length=512, mode=parse_mode("non-thinking"), pack=True, show_progress=False, overwrite=True
+    )
     prepare_dataset([REPO / "data/sample_distill.jsonl"], hf_dir, work / "prepared", options)
     return hf_dir, work / "prepared"
 

@@ -142,17 +142,22 @@ def test_overlong_policies(tiny_tokenizer_dir, tmp_path):
         _prepare(tiny_tokenizer_dir, tmp_path / "error", max_length=200, overlong="error")
 
 
-def test_output_dir_is_replaced_only_if_it_is_a_prepared_dataset(tiny_tokenizer_dir, tmp_path):
+def test_output_dir_is_replaced_only_with_overwrite_and_only_if_it_is_a_prepared_dataset(tiny_tokenizer_dir, tmp_path):
+    """Re-preparing into a dataset a run trains on once replaced it silently (a resumed run then trained on the
+    new data): now only with --overwrite, and never a folder that is not a prepared dataset."""
     out = tmp_path / "out"
     _prepare(tiny_tokenizer_dir, out)
-    _prepare(tiny_tokenizer_dir, out, pack=True)
+    with pytest.raises(FileExistsError, match=r"out: already holds a prepared dataset .*pass --overwrite"):
+        _prepare(tiny_tokenizer_dir, out, pack=True)
+    assert load_prepared(out).metadata["packed"] is False  # untouched
+    _prepare(tiny_tokenizer_dir, out, pack=True, overwrite=True)
     assert load_prepared(out).metadata["packed"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="precious: exists and is not a prepared dataset"):
-        _prepare(tiny_tokenizer_dir, precious)
+        _prepare(tiny_tokenizer_dir, precious, overwrite=True)
     assert (precious / "notes.txt").read_text() == "keep me"
 
 

@@ -3,7 +3,7 @@
 data render FILE --tokenizer DIR [--thinking on|off] [--generation-prompt] [--no-train-empty-think]
 data prepare INPUT... --tokenizer DIR --output-dir DIR --max-length N [--mode keep|non-thinking|mixed:P]
              [--pack] [--on-error skip|fail] [--overlong drop|truncate|error] [--seed N]
-             [--no-train-empty-think] [--no-progress] [--workers N]
+             [--no-train-empty-think] [--no-progress] [--workers N] [--overwrite]
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def _add_prepare_parser(commands) -> None:
         "(default: the CPUs available, at most 32)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true", help="replace a prepared dataset in --output-dir")
     _add_empty_think_flag(parser)
     parser.set_defaults(func=run_prepare)
 
@@ -119,6 +120,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         train_empty_think=not args.no_train_empty_think,
         show_progress=not args.no_progress,
         workers=workers,
+        overwrite=args.overwrite,
     )
     output_dir = Path(args.output_dir)
     report = prepare_dataset(args.inputs, Path(args.tokenizer), output_dir, options).to_json(options)

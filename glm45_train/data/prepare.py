@@ -98,6 +98,7 @@ class PrepareOptions:
     show_progress: bool = True
     workers: int = 1  # processes; 1 = in this process
     chunk_size: int = CHUNK_SIZE
+    overwrite: bool = False  # replace an existing prepared dataset (a resumed run would train on the new one)
 
     def check(self) -> None:
         if self.max_length < 8:
@@ -184,7 +185,7 @@ def prepare_dataset(
     options.check()
     check_inputs(inputs)
     tokenizer_dir, output_dir = Path(tokenizer_dir), Path(output_dir)
-    _check_output_dir(output_dir)
+    _check_output_dir(output_dir, options.overwrite)
     tokenizer = load_chat_tokenizer(tokenizer_dir)
     temp_dir = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(temp_dir, ignore_errors=True)
@@ -339,11 +340,17 @@ def _template_of(tokenizer_dir: Path) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def _check_output_dir(output_dir: Path) -> None:
-    if output_dir.exists() and not (
-        output_dir.is_dir() and (is_prepared_dir(output_dir) or not any(output_dir.iterdir()))
-    ):
+def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """An absent or empty output, or (with `overwrite`) a prepared dataset; never anything else."""
+    if not output_dir.exists() or (output_dir.is_dir() and not any(output_dir.iterdir())):
+        return
+    if not (output_dir.is_dir() and is_prepared_dir(output_dir)):
         raise FileExistsError(f"{output_dir}: exists and is not a prepared dataset; refusing to replace it")
+    if not overwrite:
+        raise FileExistsError(
+            f"{output_dir}: already holds a prepared dataset (a run may be training on it); "
+            "pass --overwrite to replace it, or choose another --output-dir"
+        )
 
 
 def _replace_dir(new: Path, target: Path) -> None:

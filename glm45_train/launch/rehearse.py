@@ -311,6 +311,7 @@ def _prepare_data(recipe: Recipe, tokenizer: Path, target: Path, rows_needed: in
         pack=recipe.data.pack,
         seed=recipe.train.seed,
         show_progress=False,
+        overwrite=True,  # grown until it has the rows, in the rehearsal's own folder
     )
     copies = 1
     while True:

@@ -40,6 +40,7 @@ from glm45_train.rl.train_step import logprob_pass, update
 from glm45_train.train import checkpoint
 from glm45_train.train.batches import DataPosition
 from glm45_train.train.metrics import MetricsLog, plot_metrics
+from glm45_train.train.run_lock import release_run_dir
 
 
 @dataclass
@@ -84,6 +85,7 @@ def run_rl(recipe: Recipe) -> RLResult:
         run.engine.shutdown()
     if is_first and recipe.logging.plot and metrics.path.exists():
         plot_metrics(metrics.path, run_dir / "rl.png", ("reward", "response_length", "kl", "entropy"))
+    release_run_dir(run_dir)  # the run is over: the folder may be resumed (a crash releases it with the process)
     final = history[-1]["reward"] if history else None
     return RLResult(step, final, stopped, run_dir, history)
 

@@ -33,6 +33,7 @@ def ensure_prepared(recipe: Recipe) -> Recipe:
         return recipe
     from glm45_train.data.chat import parse_mode
     from glm45_train.data.prepare import PrepareOptions, prepare_dataset
+    from glm45_train.train.run_lock import claim_run_dir
 
     target = Path(recipe.checkpoint.dir) / "data"
     request = {
@@ -43,12 +44,15 @@ def ensure_prepared(recipe: Recipe) -> Recipe:
         "seed": recipe.train.seed,
     }
     request_file = Path(recipe.checkpoint.dir) / "data_request.json"
+    if int(os.environ.get("RANK", "0")) == 0:
+        claim_run_dir(recipe.checkpoint.dir)  # before the data folder is touched: one run per directory
     if int(os.environ.get("RANK", "0")) == 0 and not _already_prepared(target, request_file, request):
         options = PrepareOptions(
             max_length=recipe.data.max_length,
             mode=parse_mode(recipe.data.mode),
             pack=recipe.data.pack,
             seed=recipe.train.seed,
+            overwrite=True,  # the run's own data folder, re-prepared because the recipe's data request changed
         )
         prepare_dataset(recipe.data.inputs, tokenizer_dir_for(recipe), target, options)
         request_file.write_text(json.dumps(request, indent=2) + "\n")

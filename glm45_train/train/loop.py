@@ -23,6 +23,7 @@ from glm45_train.train import checkpoint
 from glm45_train.train.batches import BatchPlan, Collation, DataPosition, eval_batches, micro_batches
 from glm45_train.train.metrics import MetricsLog, plot_loss
 from glm45_train.train.run_dir import write_run_metadata
+from glm45_train.train.run_lock import release_run_dir
 from glm45_train.train.setup import Trainer, build_trainer
 
 
@@ -238,4 +239,5 @@ def run_sft(recipe: Recipe) -> RunResult:
     train_seconds = time.perf_counter() - loop_started
     if is_first and recipe.logging.plot and metrics.path.exists():
         plot_loss(metrics.path, run_dir / "loss.png")
+    release_run_dir(run_dir)  # the run is over: the folder may be resumed (a crash releases it with the process)
     return RunResult(step, last.get("loss"), stopped, run_dir, train_seconds, tokens)

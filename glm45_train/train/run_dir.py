@@ -12,13 +12,15 @@ from pathlib import Path
 
 from glm45_train.config.recipe import Recipe
 from glm45_train.convert.torch_dist.directory import ASSETS_DIR, McoreCheckpointDir, copy_assets, write_metadata
+from glm45_train.train.run_lock import claim_run_dir
 
 
 def write_run_metadata(recipe: Recipe, run_dir: Path) -> None:
-    """Called by the first rank before training (again on resume: the files are rewritten identically)."""
+    """Called by the first rank before training (again on resume: the files are rewritten identically), holding
+    the directory's lock (train/run_lock.py)."""
     from omegaconf import OmegaConf
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(run_dir)
     (run_dir / "recipe.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(recipe)))
     source = Path(recipe.model.source)
     if (source / "config.json").exists():
