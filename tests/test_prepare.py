@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -308,3 +309,34 @@ def test_a_utf8_byte_order_mark_does_not_cost_the_first_record(tiny_tokenizer_di
     source.write_bytes(b"\xef\xbb\xbf" + text.encode())
     assert _prepare(tiny_tokenizer_dir, tmp_path / "out", inputs=[source]).samples_kept == 40
     assert _report(tmp_path / "out")["records"]["dropped"] == 0
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda d: _truncate(d / "tokens.bin", 4), "tokens.bin: 26,984 bytes, metadata.json's num_tokens"),
+        (lambda d: _truncate(d / "trained.bin", 1), "trained.bin:"),
+        (lambda d: _truncate(d / "sample_offsets.npy", 8), "sample_offsets.npy: unreadable"),
+        (lambda d: _truncate(d / "bin_offsets.npy", 8), "bin_offsets.npy: unreadable"),
+        (lambda d: (d / "bin_samples.npy").unlink(), "bin_samples.npy: unreadable"),
+        (lambda d: _poke(d / "tokens.bin", 100, 10**6), "token id 1000000 at position 100 is outside"),
+        (lambda d: _poke(d / "tokens.bin", 7, -1), "token id -1 at position 7 is outside"),
+    ],
+)
+def test_a_damaged_prepared_dataset_is_named_when_opened(tiny_tokenizer_dir, tmp_path, damage, named):
+    """Once numpy/torch tracebacks (or silent garbage) naming no file."""
+    out = tmp_path / "out"
+    _prepare(tiny_tokenizer_dir, out, pack=True)
+    damage(out)
+    with pytest.raises(UserError, match=re.escape(named)):
+        load_prepared(out)
+
+
+def _truncate(path: Path, nbytes: int) -> None:
+    path.write_bytes(path.read_bytes()[:-nbytes])
+
+
+def _poke(path: Path, position: int, value: int) -> None:
+    tokens = np.fromfile(path, dtype=np.int32)
+    tokens[position] = value
+    tokens.tofile(path)

@@ -112,15 +112,21 @@ class PreparedDataset(Sequence[TrainingExample]):
         self.directory = Path(directory)
         self.metadata = read_metadata(self.directory)
         self.pad_token_id = int(self.metadata["pad_token_id"])
-        self._tokens = np.memmap(self.directory / TOKENS_FILE, dtype=np.int32, mode="r")
-        self._trained = np.memmap(self.directory / TRAINED_FILE, dtype=np.uint8, mode="r")
-        self._offsets = np.load(self.directory / "sample_offsets.npy")
+        tokens = int(self.metadata["num_tokens"])
+        self._tokens = _memmap(self.directory / TOKENS_FILE, np.int32, tokens)
+        self._trained = _memmap(self.directory / TRAINED_FILE, np.uint8, tokens)
+        self._offsets = _offsets(self.directory / "sample_offsets.npy", int(self.metadata["num_samples"]), tokens)
         self._bins: tuple[np.ndarray, np.ndarray] | None = None
         if self.metadata["packed"]:
-            self._bins = (
-                np.load(self.directory / "bin_offsets.npy"),
-                np.load(self.directory / "bin_samples.npy"),
-            )
+            samples = self.num_samples
+            bin_samples = _array(self.directory / "bin_samples.npy")
+            bin_offsets = _offsets(self.directory / "bin_offsets.npy", int(self.metadata["num_rows"]), len(bin_samples))
+            if len(bin_samples) and (bin_samples.min() < 0 or bin_samples.max() >= samples):
+                raise DatasetError(f"{self.directory / 'bin_samples.npy'}: sample indices outside [0, {samples})")
+            self._bins = (bin_offsets, bin_samples)
+        vocab_size = self.metadata.get("tokenizer", {}).get("vocab_size")
+        if vocab_size is not None:
+            _check_token_ids(self._tokens, int(vocab_size), self.directory / TOKENS_FILE)
 
     @property
     def num_samples(self) -> int:
@@ -182,6 +188,50 @@ def collate(
         cu_seqlens=cu_seqlens(rows, row_length),
         attention_mask=block_causal_mask(rows, row_length) if with_attention_mask else None,
     )
+
+
+class DatasetError(UserError):
+    """A prepared dataset whose files are damaged: truncated, inconsistent with metadata.json, or out of range."""
+
+
+def _memmap(path: Path, dtype: type[np.generic], count: int) -> np.ndarray:
+    expected = count * np.dtype(dtype).itemsize
+    size = path.stat().st_size if path.is_file() else None
+    if size != expected:
+        found = "missing" if size is None else f"{size:,} bytes"
+        raise DatasetError(f"{path}: {found}, metadata.json's num_tokens {count:,} needs {expected:,} (damaged?)")
+    return np.memmap(path, dtype=dtype, mode="r") if count else np.zeros(0, dtype=dtype)
+
+
+def _array(path: Path) -> np.ndarray:
+    try:
+        values = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise DatasetError(f"{path}: unreadable ({err})") from None
+    if values.ndim != 1 or values.dtype.kind not in "iu":
+        raise DatasetError(f"{path}: expected a 1-d integer array, found {values.dtype} {values.shape}")
+    return values
+
+
+def _offsets(path: Path, count: int, end: int) -> np.ndarray:
+    """`count` + 1 non-decreasing offsets from 0 to `end`."""
+    values = _array(path)
+    if len(values) != count + 1 or values[0] != 0 or values[-1] != end or (np.diff(values) < 0).any():
+        raise DatasetError(f"{path}: not {count + 1} non-decreasing offsets from 0 to {end:,} (damaged?)")
+    return values
+
+
+def _check_token_ids(tokens: np.ndarray, vocab_size: int, path: Path, block: int = 2**26) -> None:
+    """Every id in [0, vocab_size): one pass in blocks (no copy of the file), at ~GB/s."""
+    for start in range(0, len(tokens), block):
+        part = tokens[start : start + block]
+        low, high = int(part.min()), int(part.max())
+        if low < 0 or high >= vocab_size:
+            bad = start + int(np.flatnonzero((part < 0) | (part >= vocab_size))[0])
+            raise DatasetError(
+                f"{path}: token id {int(tokens[bad])} at position {bad:,} is outside the tokenizer's vocabulary "
+                f"[0, {vocab_size}) (damaged?)"
+            )
 
 
 def load_prepared(directory: str | Path) -> PreparedDataset:
