@@ -76,9 +76,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, FileExistsError, FileNotFoundError) as err:
         print(f"glm45-train {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except BaseException as err:
+        if not is_interruption(err):
+            raise
         print(f"glm45-train {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def is_interruption(err: BaseException | None) -> bool:
+    """Ctrl-C, also when it reaches us inside another exception: torch.distributed.checkpoint gathers every
+    rank's failure into one CheckpointException (`failures`: rank -> (exception, trace)), which would
+    otherwise print 45 lines for a plain interrupt during a checkpoint write."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        failures = getattr(err, "failures", None)
+        if isinstance(failures, dict) and any(is_interruption(failure[0]) for failure in failures.values()):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 if __name__ == "__main__":
