@@ -186,3 +186,26 @@ def test_resume_from_a_dangling_or_garbage_pointer_names_the_file(tmp_path):
     (tmp_path / LATEST).write_bytes(b"\xff\xfe garbage")
     with pytest.raises(UserError, match="which is not a complete checkpoint"):
         latest_step(tmp_path)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_saves_where_it_stopped_and_resumes_exactly(tiny_air, tmp_path, uninterrupted):
+    """What `scancel` and most schedulers do: SIGTERM to the launcher, which forwards it to every worker's whole
+    process group. Once Megatron's writer helper died of it and the checkpoint stayed `.partial` for ever."""
+    _, expected = uninterrupted
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        sft_command("tiny_sft.yaml", tiny_air, run_dir), cwd=REPO_ROOT, env=_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    pointer, deadline = run_dir / "latest_checkpointed_iteration.txt", time.monotonic() + 300
+    while not (pointer.exists() and pointer.read_text().strip() == "4"):  # after a save: its helpers are up
+        assert process.poll() is None and time.monotonic() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    stopped_at = int(pointer.read_text())
+    assert 5 <= stopped_at < 8, stderr[-3000:]
+    assert not list(run_dir.glob("*.partial")) and "EOFError" not in stderr and "BrokenPipe" not in stderr
+    resumed = run_sft("tiny_sft.yaml", tiny_air, run_dir)
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in expected]

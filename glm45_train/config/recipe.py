@@ -30,6 +30,7 @@ LORA_TARGETS = (
 )
 RECOMPUTE = ("none", "selective", "full")
 DATA_MODES = ("keep", "non-thinking")  # and "mixed:P" with 0 <= P <= 1
+CHANGE_GROUPS = ("data", "schedule")  # what a resume may find changed, if allowed (train/run_inputs.py)
 
 
 @dataclass
@@ -98,6 +99,7 @@ class CheckpointSection:
     interval: int = 200  # --save_steps / --save_interval
     keep_last: int = 2
     save_optimizer: bool = True  # ms-swift's seed recipe used --no_save_optim: exact resume needs it
+    allow_changes: list[str] = field(default_factory=list)  # on resume: data, schedule (else a change stops it)
 
 
 @dataclass
@@ -261,6 +263,9 @@ def check_values(recipe: Recipe) -> None:
         fail("data.mode", f"{recipe.data.mode!r} is not keep, non-thinking or mixed:P with 0 <= P <= 1")
     if (recipe.data.prepared is None) == (not recipe.data.inputs):
         fail("data", "set exactly one of data.prepared and data.inputs")
+    for group in recipe.checkpoint.allow_changes:
+        if group not in CHANGE_GROUPS:
+            fail("checkpoint.allow_changes", f"{group!r} is not one of {', '.join(CHANGE_GROUPS)}")
     train = recipe.train
     if (train.epochs is None) == (train.steps is None):
         fail("train", "set exactly one of train.epochs and train.steps")

@@ -1,7 +1,8 @@
 """The prepared dataset on disk: written by `data prepare`, read by the trainer.
 
 Layout of a prepared directory:
-    metadata.json       format, mode, seed, max_length, packed, tokenizer (path, sha256, vocab size), counts
+    metadata.json       format, mode, seed, max_length, packed, tokenizer (path, sha256, vocab size), counts,
+                        fingerprint (blake2b of the token, mask, offset and bin files, hashed as written)
     report.json         what prepare read, dropped and changed (see prepare.py)
     tokens.bin          int32, every kept sample's input_ids end to end
     trained.bin         uint8, 1 where the token is a training target (same length as tokens.bin)
@@ -12,6 +13,8 @@ Layout of a prepared directory:
 Notable:
 - The token files are streamed while preparing and memory-mapped while reading: a 110k-conversation set
   never sits in memory as Python lists.
+- The fingerprint is what a training checkpoint records of its data (train/run_inputs.py): a dataset replaced
+  under a run is noticed on resume without reading the files again.
 - `TrainingExample` is already shifted: `labels[t]` is the token after `t` in the same sample and
   `loss_mask[t]` says whether that token is trained; the last position of every sample predicts nothing (so
   nothing leaks across samples).
@@ -19,6 +22,7 @@ Notable:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,6 +75,7 @@ class PreparedWriter:
         self._trained = (directory / TRAINED_FILE).open("wb")
         self.lengths: list[int] = []
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._hashes = {name: hashlib.blake2b(digest_size=16) for name in (TOKENS_FILE, TRAINED_FILE)}
 
     def add(self, input_ids: np.ndarray, loss_mask: np.ndarray) -> None:
         """Queue one sample (written at the next `flush`)."""
@@ -80,24 +85,31 @@ class PreparedWriter:
     def flush(self) -> None:
         """Append the queued samples to the token files in one write each."""
         if self._pending:
-            np.concatenate([ids for ids, _ in self._pending]).tofile(self._tokens)
-            np.concatenate([mask for _, mask in self._pending]).tofile(self._trained)
+            for name, part, file in (
+                (TOKENS_FILE, np.concatenate([ids for ids, _ in self._pending]), self._tokens),
+                (TRAINED_FILE, np.concatenate([mask for _, mask in self._pending]), self._trained),
+            ):
+                part.tofile(file)
+                self._hashes[name].update(part.data)
             self._pending = []
 
     def finish(self, bins: Sequence[Sequence[int]] | None, metadata: dict[str, Any]) -> None:
         self.flush()
         self._tokens.close()
         self._trained.close()
-        offsets = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)]).astype(np.int64)
-        np.save(self.directory / "sample_offsets.npy", offsets)
+        arrays = {"sample_offsets.npy": np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])}
         if bins is not None:
-            bin_sizes = [len(b) for b in bins]
-            np.save(
-                self.directory / "bin_offsets.npy",
-                np.concatenate([[0], np.cumsum(bin_sizes)]).astype(np.int64),
-            )
-            np.save(self.directory / "bin_samples.npy", np.asarray([i for b in bins for i in b], dtype=np.int64))
-        header = {"format": FORMAT, "version": FORMAT_VERSION, **metadata}
+            arrays["bin_offsets.npy"] = np.concatenate([[0], np.cumsum([len(b) for b in bins])])
+            arrays["bin_samples.npy"] = np.asarray([i for b in bins for i in b])
+        fingerprint = hashlib.blake2b(digest_size=16)
+        for name, array in arrays.items():
+            array = array.astype(np.int64)
+            np.save(self.directory / name, array)
+            fingerprint.update(name.encode() + array.tobytes())
+        for name, file_hash in self._hashes.items():
+            fingerprint.update(name.encode() + file_hash.digest())
+        fingerprint.update(f"pad {metadata['pad_token_id']}".encode())  # what is trained; not where it came from
+        header = {"format": FORMAT, "version": FORMAT_VERSION, **metadata, "fingerprint": fingerprint.hexdigest()}
         write_json(self.directory / "metadata.json", header)
 
     def abort(self) -> None:
@@ -127,6 +139,14 @@ class PreparedDataset(Sequence[TrainingExample]):
         vocab_size = self.metadata.get("tokenizer", {}).get("vocab_size")
         if vocab_size is not None:
             _check_token_ids(self._tokens, int(vocab_size), self.directory / TOKENS_FILE)
+
+    @property
+    def fingerprint(self) -> str:
+        """What was trained, as recorded by `data prepare`; datasets prepared before it was, by their metadata."""
+        recorded = self.metadata.get("fingerprint")
+        if recorded:
+            return str(recorded)
+        return "metadata " + hashlib.blake2b(json.dumps(self.metadata).encode(), digest_size=16).hexdigest()
 
     @property
     def num_samples(self) -> int:

@@ -58,7 +58,7 @@ def run_rl(recipe: Recipe) -> RLResult:
     step, position = 0, DataPosition()
     resume_from = checkpoint.latest_step(run_dir)
     if resume_from is not None:
-        step, position = checkpoint.load(run.trainer, run_dir, resume_from)
+        step, position = checkpoint.load(run.trainer, run_dir, resume_from, run.inputs)
     is_first = dist.get_rank() == 0
     total = recipe.train.steps or 0
     metrics = MetricsLog(run_dir, total, step, is_first, recipe.logging.tensorboard, desc="rl", show="reward")
@@ -76,7 +76,7 @@ def run_rl(recipe: Recipe) -> RLResult:
             metrics.advance()
             stopped = signals.any_rank_received()
             if stopped or step % recipe.checkpoint.interval == 0 or step == total:
-                checkpoint.save(run.trainer, run_dir, step, position)
+                checkpoint.save(run.trainer, run_dir, step, position, run.inputs)
             if stopped:
                 break
     finally:

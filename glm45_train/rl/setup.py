@@ -96,6 +96,7 @@ class RLRun:
     sync: Any  # rl/weight_sync.py's layout
     probe_ids: tuple[int, ...]  # rl/probe.py's fixed prompt
     replay: Any = None  # rl/routing_replay.py's RoutingReplay with rl.routing_replay: rollout
+    inputs: Any = None  # train/run_inputs.py's RunInputs: what the checkpoints record and a resume must match
 
     def sync_weights(self) -> Any:
         """The policy's weights into the engine (a collective: every rank, every step); the sync's summary."""
@@ -114,6 +115,7 @@ def build_rl_run(recipe: Recipe) -> RLRun:
     from glm45_train.model.tokenizer import stop_token_ids
     from glm45_train.rl.weight_sync import SyncLayout
     from glm45_train.runtime import distributed
+    from glm45_train.train import checkpoint
     from glm45_train.train.inputs import tokenizer_dir_for
     from glm45_train.train.run_dir import write_run_metadata
 
@@ -128,6 +130,7 @@ def build_rl_run(recipe: Recipe) -> RLRun:
     run_dir = Path(recipe.checkpoint.dir)
     if dist.get_rank() == 0:
         write_run_metadata(recipe, run_dir)
+        checkpoint.remove_partials(run_dir)
     tokenizer_dir = tokenizer_dir_for(recipe)
     from glm45_train.data.chat import load_chat_tokenizer
 
@@ -155,7 +158,24 @@ def build_rl_run(recipe: Recipe) -> RLRun:
         sync=sync,
         probe_ids=probe_prompt([prompt.ids for prompt in prompts], recipe.data.max_length, rollout.max_new_tokens),
         replay=routing_replay_for(recipe, trainer),
+        inputs=run_inputs_for(recipe, prompts, trainer.total_steps),
     )
+
+
+def run_inputs_for(recipe: Recipe, prompts: list[Prompt], total_steps: int) -> Any:
+    """The prompts as rendered (ids, answers, reward fields) and the keys that pick each step's prompts."""
+    from glm45_train.train.run_inputs import RunInputs, fingerprint_of, schedule_inputs
+
+    parts = (
+        json.dumps([p.ids, p.record.answer, p.record.extra], sort_keys=True, default=str).encode() for p in prompts
+    )
+    data = {
+        "fingerprint": fingerprint_of(parts),
+        "train.seed": recipe.train.seed,
+        "rl.prompts_per_step": recipe.rl.prompts_per_step,
+    }
+    schedule = schedule_inputs(recipe.train, total_steps)
+    return RunInputs(data, schedule, frozenset(recipe.checkpoint.allow_changes))
 
 
 def routing_replay_for(recipe: Recipe, trainer: Trainer) -> Any:

@@ -5,7 +5,9 @@ A checkpoint is written as `iter_XXXXXXX.partial`, renamed when every rank has f
 latest pointer move (written to a temporary file and renamed), so a crash at any moment leaves the previous
 checkpoint as the latest one. What is saved: the model (or, for LoRA, only the adapters), the optimizer, the
 LR scheduler, the data position and every RNG stream of every rank (per-rank ShardedObjects) — enough for a
-resumed run to produce the same losses as an uninterrupted one. Resume reads through convert/torch_dist/safe_load.py.
+resumed run to produce the same losses as an uninterrupted one — and what the run was trained with (the data's
+fingerprint, the schedule's inputs: train/run_inputs.py), which a resume must agree with. Resume reads through
+convert/torch_dist/safe_load.py.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ import torch.distributed as dist
 
 from glm45_train.errors import UserError
 from glm45_train.train.batches import DataPosition
+from glm45_train.train.run_inputs import RunInputs
 
 LATEST = "latest_checkpointed_iteration.txt"
 
@@ -83,7 +87,7 @@ def _sharded_state(trainer: Any, is_loading: bool) -> dict[str, Any]:
     return state
 
 
-def save(trainer: Any, ckpt_dir: Path, step: int, position: DataPosition) -> Path:
+def save(trainer: Any, ckpt_dir: Path, step: int, position: DataPosition, inputs: RunInputs) -> Path:
     """Write the checkpoint for `step` atomically and move the latest pointer; prune beyond keep_last."""
     from megatron.core import dist_checkpointing
 
@@ -99,6 +103,7 @@ def save(trainer: Any, ckpt_dir: Path, step: int, position: DataPosition) -> Pat
         data_position=asdict(position),
         scheduler=trainer.scheduler.state_dict(),
         kind=trainer.checkpoint_kind,
+        run_inputs=inputs.record,
     )
     dist_checkpointing.save(state, str(partial))
     dist.barrier()
@@ -112,8 +117,9 @@ def save(trainer: Any, ckpt_dir: Path, step: int, position: DataPosition) -> Pat
     return final
 
 
-def load(trainer: Any, ckpt_dir: Path, step: int) -> tuple[int, DataPosition]:
-    """Restore model/adapters, optimizer, scheduler, RNG; returns (step, data position)."""
+def load(trainer: Any, ckpt_dir: Path, step: int, inputs: RunInputs) -> tuple[int, DataPosition]:
+    """Restore model/adapters, optimizer, scheduler, RNG; returns (step, data position). Refuses a checkpoint
+    trained with other data or another schedule than `inputs` unless the recipe allows that change."""
     from glm45_train.convert.torch_dist import safe_load
 
     directory = iteration_dir(ckpt_dir, step)
@@ -122,6 +128,11 @@ def load(trainer: Any, ckpt_dir: Path, step: int) -> tuple[int, DataPosition]:
     state = safe_load.load(_sharded_state(trainer, is_loading=True), directory)  # runs no code from the files
     if state["kind"] != trainer.checkpoint_kind:
         raise RuntimeError(f"{directory}: a {state['kind']} checkpoint cannot resume a {trainer.checkpoint_kind} run")
+    recorded = state.get("run_inputs")
+    for change in inputs.check(recorded, str(directory)):
+        if dist.get_rank() == 0:
+            print(f"resuming with a change checkpoint.allow_changes allows: {change}", file=sys.stderr, flush=True)
+    trainer.scheduler.override_opt_param_scheduler = inputs.schedule_changed(recorded)  # the recipe's from here
     trainer.load_model_state(state["model"])
     if trainer.save_optimizer:
         with trainer.cpu_context(), torch.no_grad():  # fp32 runs copy into the parameters themselves
@@ -168,20 +179,44 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def remove_partials(ckpt_dir: Path) -> None:
+    """Unfinished `iter_*.partial` folders of a run that died while saving (called by the run that now holds the
+    directory's lock, so no live writer owns them); the latest pointer never named them."""
+    for partial in sorted(ckpt_dir.glob("iter_*.partial")):
+        print(f"removing {partial}: an unfinished checkpoint of an interrupted run", file=sys.stderr, flush=True)
+        shutil.rmtree(partial)
+
+
 def _prune(ckpt_dir: Path, keep_last: int) -> None:
     complete = sorted(p for p in ckpt_dir.glob("iter_*") if p.is_dir() and not p.name.endswith(".partial"))
     for old in complete[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old)
 
 
+def _write_results_in_process() -> None:
+    """Megatron's torch_dist writer reports its results through a multiprocessing Manager that it spawns on the
+    first save, even for a synchronous save (ours). torchrun forwards SIGTERM to each worker's whole process
+    group, Manager included, which dies at once: the save the signal asks for then fails (EOFError, BrokenPipe)
+    and leaves `iter_….partial`. A synchronous save puts and gets its results in this process, so an in-process
+    queue does the Manager's job with no helper to lose. (The writer's forked children inherit our handler.)"""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 class StopSignals:
-    """SIGTERM and SIGUSR1 (Slurm's pre-emption warning) ask for a checkpoint and a clean exit."""
+    """SIGTERM (from torchrun, `scancel`, the scheduler) and SIGUSR1 (Slurm's pre-emption warning) ask for a
+    checkpoint and a clean exit."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        _write_results_in_process()
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.received = signum

@@ -23,6 +23,7 @@ from glm45_train.train import checkpoint
 from glm45_train.train.batches import BatchPlan, Collation, DataPosition, eval_batches, micro_batches
 from glm45_train.train.metrics import MetricsLog, plot_loss
 from glm45_train.train.run_dir import write_run_metadata
+from glm45_train.train.run_inputs import sft_inputs
 from glm45_train.train.run_lock import release_run_dir
 from glm45_train.train.setup import Trainer, build_trainer
 
@@ -200,11 +201,13 @@ def run_sft(recipe: Recipe) -> RunResult:
     run_dir = Path(recipe.checkpoint.dir)
     if dist.get_rank() == 0:
         write_run_metadata(recipe, run_dir)
+        checkpoint.remove_partials(run_dir)
     dist.barrier()
     step, position = 0, DataPosition()
+    inputs = sft_inputs(recipe, dataset.fingerprint, trainer.total_steps)
     resume_from = checkpoint.latest_step(run_dir)
     if resume_from is not None:
-        step, position = checkpoint.load(trainer, run_dir, resume_from)
+        step, position = checkpoint.load(trainer, run_dir, resume_from, inputs)
     is_first = dist.get_rank() == 0
     metrics = MetricsLog(run_dir, trainer.total_steps, step, is_first, recipe.logging.tensorboard)
     signals = checkpoint.StopSignals()
@@ -229,7 +232,7 @@ def run_sft(recipe: Recipe) -> RunResult:
             stopped = signals.any_rank_received()
             if stopped or step % recipe.checkpoint.interval == 0 or step == trainer.total_steps:
                 save_started = time.perf_counter()
-                checkpoint.save(trainer, run_dir, step, position)
+                checkpoint.save(trainer, run_dir, step, position, inputs)
                 loop_started += time.perf_counter() - save_started
             if stopped:
                 break
