@@ -143,6 +143,23 @@ def test_overlong_policies(tiny_tokenizer_dir, tmp_path):
         _prepare(tiny_tokenizer_dir, tmp_path / "error", max_length=200, overlong="error")
 
 
+def test_a_huge_line_is_dropped_by_its_length_before_it_is_tokenized(tiny_tokenizer_dir, tmp_path):
+    """A 42 MB line once cost 5.9 GB of tokenizer memory before being dropped as over-length; a sample whose text
+    has more bytes than max_length tokens can cover is now refused untokenized (drop and error), while truncate
+    still tokenizes it to keep its first max_length tokens (control)."""
+    huge = {"messages": [{"role": "user", "content": "Q " * 400_000}, {"role": "assistant", "content": "A."}]}
+    data = tmp_path / "huge.jsonl"
+    data.write_text(SAMPLE_DATA.read_text() + json.dumps(huge) + "\n")
+    kept = _prepare(tiny_tokenizer_dir, tmp_path / "drop", inputs=[data], max_length=1024)
+    problem = _report(tmp_path / "drop")["problems"][-1]
+    assert (problem["line"], problem["reason"], kept.samples_kept) == (41, "overlong", 40)
+    assert problem["detail"] == "800,066 bytes of text: more than max_length 1024 tokens (not tokenized)"
+    with pytest.raises(DataError, match=r"huge.jsonl:41: overlong: 800,066 bytes of text"):
+        _prepare(tiny_tokenizer_dir, tmp_path / "error", inputs=[data], max_length=1024, overlong="error")
+    _prepare(tiny_tokenizer_dir, tmp_path / "cut", inputs=[data], max_length=1024, overlong="truncate")
+    assert "tokens > max_length 1024" in _report(tmp_path / "cut")["problems"][-1]["detail"]
+
+
 def test_output_dir_is_replaced_only_with_overwrite_and_only_if_it_is_a_prepared_dataset(tiny_tokenizer_dir, tmp_path):
     """Re-preparing into a dataset a run trains on once replaced it silently (a resumed run then trained on the
     new data): now only with --overwrite, and never a folder that is not a prepared dataset."""
