@@ -5,7 +5,8 @@
 
 Notable:
 - The input is synthesised from data/sample_distill.jsonl: each copy gets a numbered user turn and its answer
-  repeated 1–24 times, so lengths spread from a few dozen to a few thousand tokens (seeded, same set every run).
+  (and inline reasoning, inside its one think block) repeated 1–24 times, so lengths spread from a few dozen to
+  a few thousand tokens (seeded, same set every run).
 - "raw tokenizer" = `Tokenizer.encode_batch_fast` over the fully rendered texts of the same conversations: the
   ceiling for prepare, which also parses JSON, checks, renders, builds masks, writes files and packs.
 - Per process means one core: the tokenizer's own thread pool is off (TOKENIZERS_PARALLELISM=false, set before
@@ -51,8 +52,12 @@ def synthesise(count: int, out: Path, seed: int = 0) -> None:
             messages = record["messages"]
             user = next(m for m in messages if m["role"] == "user")
             user["content"] = f"[{index}] {user['content']}"
-            last = messages[-1]
-            last["content"] = "\n\n".join([last["content"]] * rng.randint(1, 24))
+            last, copies = messages[-1], rng.randint(1, 24)
+            # One leading think block, as data prepare accepts (reasoning and answer each repeated inside it).
+            reasoning, marker, answer = last["content"].rpartition("</think>")
+            reasoning = reasoning.removeprefix("<think>")
+            repeated = "\n\n".join([answer.strip()] * copies)
+            last["content"] = f"<think>{chr(10).join([reasoning] * copies)}</think>{repeated}" if marker else repeated
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 

@@ -211,3 +211,44 @@ def test_a_wrong_count_in_the_config_is_named_before_the_tensors(broken_copy, tm
     (broken_copy / "config.json").write_text(json.dumps({**config, **change}))
     out = tmp_path / "out"
     assert_failed_cleanly(export_to_mcore(broken_copy, out), out, capsys, f"config: {named}")
+
+
+def flip_a_byte_inside_a_tensor(checkpoint: Path) -> Path:
+    """One bit of the largest tensor record's data flipped (its middle: past the zip headers, before the
+    descriptors and directory); the `.distcp` file it is in."""
+    from glm45_train.formats.safe_pickle import load_dcp_metadata
+
+    metadata_file = next(checkpoint.rglob(".metadata"))
+    info = max(load_dcp_metadata(metadata_file).storage_data.values(), key=lambda info: info.length)
+    damaged = metadata_file.parent / info.relative_path
+    with damaged.open("r+b") as stream:
+        stream.seek(info.offset + info.length // 2)
+        byte = stream.read(1)[0]
+        stream.seek(-1, 1)
+        stream.write(bytes([byte ^ 0x10]))
+    return damaged
+
+
+def test_a_flipped_byte_in_a_distcp_record_is_named_by_every_reader(mcore_dirs, tmp_path, capsys):
+    """Once exit 0 with wrong tensors: our records carried no CRC32 and torch.load checks none. Now the CRC is
+    written (by zlib, as the bytes pass) and checked by our fast reader (export, check) and by the one training
+    resumes through (torch.load's path). Control: the undamaged copy exports."""
+    from glm45_train.formats.safe_pickle import CorruptRecord, load_dcp_metadata, torch_load
+
+    intact = Path(shutil.copytree(mcore_dirs["air"], tmp_path / "intact"))
+    ok = tmp_path / "ok"
+    assert cli(["export", "--to-hf", "--model", str(intact), "--output-dir", str(ok), "--no-progress"]) == 0
+    damaged_dir = Path(shutil.copytree(mcore_dirs["air"], tmp_path / "damaged"))
+    damaged = flip_a_byte_inside_a_tensor(damaged_dir)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    code = cli(["export", "--to-hf", "--model", str(damaged_dir), "--output-dir", str(out), "--no-progress"])
+    assert_failed_cleanly(code, out, capsys, str(damaged), "does not match its CRC32 (damaged file)")
+
+    metadata = load_dcp_metadata(damaged.parent / ".metadata")
+    info = max(metadata.storage_data.values(), key=lambda info: info.length)
+    record = damaged.read_bytes()[info.offset : info.offset + info.length]
+    with pytest.raises(CorruptRecord, match="do not match the record's CRC32"):
+        torch_load(record, source=str(damaged))
+    intact_record = (intact / damaged.relative_to(damaged_dir)).read_bytes()[info.offset : info.offset + info.length]
+    assert torch_load(intact_record, source="intact").numel() > 0

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import shutil
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from glm45_train import __version__
@@ -77,26 +80,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"glm45-train {args.command}: error: {err}", file=sys.stderr)
         return 2
     except BaseException as err:
-        if not is_interruption(err):
+        if found_inside(err, KeyboardInterrupt) is not None:
+            print(f"glm45-train {args.command}: interrupted", file=sys.stderr)
+            return 130
+        disk = found_inside(err, OSError)
+        if not isinstance(disk, OSError) or disk.errno not in DISK_ERRNOS:
             raise
-        print(f"glm45-train {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"glm45-train {args.command}: error: {disk_error(disk, args)}", file=sys.stderr)
+        return 2
 
 
-def is_interruption(err: BaseException | None) -> bool:
-    """Ctrl-C, also when it reaches us inside another exception: torch.distributed.checkpoint gathers every
-    rank's failure into one CheckpointException (`failures`: rank -> (exception, trace)), which would
-    otherwise print 45 lines for a plain interrupt during a checkpoint write."""
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def disk_error(err: OSError, args: argparse.Namespace) -> str:
+    """A full, read-only or forbidden output: which path, why, and what room its filesystem has. (The commands
+    write into a staging folder that they remove on failure, so nothing half-written is left to look complete.)"""
+    output = getattr(args, "output_dir", None)
+    path = Path(err.filename or output or ".")
+    shown = str(path)
+    if output and err.filename and path.name.startswith("." + Path(output).name):
+        shown = f"{output} (its staging folder {path.parent / path.name.split('/')[0]})"
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(existing).free / 2**30
+    needs = " (the output needs about as much room as its source)" if err.errno in FULL_ERRNOS else ""
+    return f"{shown}: {err.strerror}; {free:.1f} GiB free on its filesystem{needs}; nothing was left behind"
+
+
+FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def found_inside(err: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """`err` or the first exception of `kind` it carries: its cause or context, or — torch.distributed.checkpoint
+    gathers every rank's failure into one CheckpointException (`failures`: rank -> (exception, trace)) — a
+    failure. So Ctrl-C or a full disk during a checkpoint write is one line, not 45 of traces."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, KeyboardInterrupt):
-            return True
+        if isinstance(err, kind):
+            return err
         failures = getattr(err, "failures", None)
-        if isinstance(failures, dict) and any(is_interruption(failure[0]) for failure in failures.values()):
-            return True
+        for failure in failures.values() if isinstance(failures, dict) else ():
+            inner = found_inside(failure[0], kind)
+            if inner is not None:
+                return inner
         err = err.__cause__ or err.__context__
-    return False
+    return None
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ class PreparedWriter:
                 (TOKENS_FILE, np.concatenate([ids for ids, _ in self._pending]), self._tokens),
                 (TRAINED_FILE, np.concatenate([mask for _, mask in self._pending]), self._trained),
             ):
-                part.tofile(file)
+                file.write(part.data)  # not tofile: a short write raises OSError with its errno
                 self._hashes[name].update(part.data)
             self._pending = []
 

@@ -29,6 +29,7 @@ import io
 import pickle
 import re
 import zipfile
+import zlib
 from pathlib import Path
 from typing import IO, Any
 
@@ -215,6 +216,19 @@ def check_plain_pickle(raw: bytes, *, source: str) -> None:
     _walk(raw, frozenset(), source)
 
 
+class CorruptRecord(UserError):
+    """A torch.save record whose tensor bytes do not match the CRC32 written with them."""
+
+
+def check_record_crc(value: Any, crc: int, source: str) -> None:
+    """A loaded tensor's storage against its record's CRC32 (0: none written, nothing to check)."""
+    if not crc or not isinstance(value, torch.Tensor):
+        return
+    storage = torch.empty(0, dtype=torch.uint8).set_(value.untyped_storage())
+    if zlib.crc32(storage.numpy().data) != crc:
+        raise CorruptRecord(f"{source}: the tensor's bytes do not match the record's CRC32 (damaged file)")
+
+
 def torch_load(file: IO[bytes] | bytes, *, source: str) -> Any:
     """A torch.save record, built by `torch.load(weights_only=True)` once its pickle names only RECORD_GLOBALS."""
     stream = io.BytesIO(file) if isinstance(file, bytes) else file
@@ -222,20 +236,24 @@ def torch_load(file: IO[bytes] | bytes, *, source: str) -> Any:
     try:
         with zipfile.ZipFile(stream) as archive:
             pickle_name = next(name for name in archive.namelist() if name.endswith("data.pkl"))
+            storages = [info.CRC for info in archive.infolist() if "/data/" in info.filename]
             with archive.open(pickle_name) as member:
-                # records written by dcp_records.write_record carry no CRC32 (torch.load never checks one):
-                # zipfile's check is switched off as its own reader does when no reference value exists
-                member._expected_crc = None  # type: ignore[attr-defined]
+                if not archive.getinfo(pickle_name).CRC:
+                    # records our writer made before it wrote CRCs carry 0 (torch.load never checks one): zipfile's
+                    # check is switched off, as its own reader does when there is no reference value
+                    member._expected_crc = None  # type: ignore[attr-defined]
                 raw = member.read()
-    except (zipfile.BadZipFile, StopIteration, OSError, EOFError) as err:
+    except (zipfile.BadZipFile, StopIteration, OSError, EOFError) as err:  # a bad CRC is a BadZipFile
         raise UnreadablePickle(f"{source}: not a torch.save record ({type(err).__name__}: {err})") from None
     _walk(raw, RECORD_GLOBALS, source)
     stream.seek(start)
     extra = _NUMPY_RNG_STATE | _NUMPY_BUILT_UNNAMED | _allowed_by_caller
     try:
         with torch.serialization.safe_globals([_resolve(name) for name in sorted(extra)]):
-            return torch.load(stream, map_location="cpu", weights_only=True)
+            value = torch.load(stream, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # what a walk cannot see (a class built without being named, say)
         found = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(Check the documentation|$)", str(err), re.S)
         reason = " ".join((found.group(1) if found else str(err)).split())
         raise UnreadablePickle(f"{source}: refused by torch.load(weights_only=True): {reason}") from None
+    check_record_crc(value, storages[0] if len(storages) == 1 else 0, source)
+    return value

@@ -5,12 +5,12 @@ records, same `.metadata`, written last under a temporary name) except for `writ
 - the calling thread walks the plan one model tensor at a time: it converts the full tensor into a pooled buffer
   (`ChunkSource.acquire`, e.g. reading HF rows straight into place) and queues that tensor's chunks, which are
   views of it whenever the chunk is contiguous;
-- `thread_count` writer threads each append records to their own file (`write_record`: torch.save without CRC,
+- `thread_count` writer threads each append records to their own file (`write_record`: torch.save with zlib's CRC32,
   into direct_io.Appender: O_DIRECT blocks, no page cache);
   a tensor's buffer goes back to the pool after its last chunk is written;
 - a byte budget bounds what has been read but not written, so memory does not depend on the model size.
-DCP's stock writer instead resolves items one at a time on each thread with `torch.save` + CRC (CPU-bound at
-~0.3-0.4 GB/s here) and cannot overlap conversion with writing.
+DCP's stock writer instead resolves items one at a time on each thread with `torch.save` + miniz's CRC (CPU-bound
+at ~0.3-0.4 GB/s here) and cannot overlap conversion with writing.
 """
 
 from __future__ import annotations
