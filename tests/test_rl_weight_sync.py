@@ -227,6 +227,7 @@ def worker(tiny_air: str, mcore_air: str, out_dir: str) -> None:
     from glm45_train.train import checkpoint
     from glm45_train.train.batches import DataPosition
     from glm45_train.train.run_dir import write_run_metadata
+    from glm45_train.train.run_inputs import sft_inputs
     from glm45_train.train.setup import build_trainer, model_config_of
     from tests.dist.lora_common import randomize_lora
 
@@ -250,7 +251,7 @@ def worker(tiny_air: str, mcore_air: str, out_dir: str) -> None:
             write_run_metadata(recipe, out / tag)
             print(f"{tag}: {summary.tensors} tensors, {summary.bytes} bytes, {summary.seconds:.3f} s", flush=True)
         dist.barrier()
-        checkpoint.save(trainer, out / tag, 1, DataPosition())
+        checkpoint.save(trainer, out / tag, 1, DataPosition(), sft_inputs(recipe, "no data: a sync test", 1))
     distributed.shutdown()
 
 
