@@ -28,7 +28,7 @@ lint: setup
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/python -m pytest -n 2 --dist loadfile  # two workers, a test file each: servers and Slurm waits overlap
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=40  # two workers, a test file each: servers and Slurm waits overlap
 
 clean:
 	rm -rf $(VENV) runs
