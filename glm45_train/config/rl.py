@@ -90,6 +90,20 @@ class OverlongSection:
 
 
 @dataclass
+class EnvironmentSection:
+    """Multi-turn agent rollouts (rl/agent): the policy calls tools, their results come back as observations."""
+
+    name: str | None = None  # python_tools | code_interpreter | module:ClassOrFactory; unset: single-turn rollouts
+    tools: list[Any] = field(default_factory=list)  # python_tools: "module:function" or {function, schema}
+    max_turns: int = 4  # assistant turns per episode (slime / verl multi-turn: max_turns)
+    max_tokens: int = 0  # tokens after the prompt, model and observations (0: up to data.max_length)
+    tool_timeout_s: float = 10.0  # one tool call's wall-clock limit
+    max_observation_chars: int = 4000  # a longer tool result is cut, and says so
+    args: dict[str, Any] = field(default_factory=dict)  # the environment's own arguments (code_interpreter limits)
+    train_observations: bool = False  # negative control only: tool results trained as if the model wrote them
+
+
+@dataclass
 class RLSection:
     prompts_per_step: int = 4  # prompts per RL step (verl: data.train_batch_size)
     rollout: RolloutSection = field(default_factory=RolloutSection)
@@ -100,6 +114,7 @@ class RLSection:
     routing_replay: str = "none"  # rollout: the engine's expert choices replayed in the trainer (R3)
     dynamic_sampling: DynamicSamplingSection = field(default_factory=DynamicSamplingSection)
     overlong: OverlongSection = field(default_factory=OverlongSection)
+    environment: EnvironmentSection = field(default_factory=EnvironmentSection)
     rewards: list[Any] = field(default_factory=list)  # [{name, weight, args}]: built-in names or module:function
     max_reward_failure_fraction: float = 0.5  # one reward failing on more of a batch stops the run
     answer_field: str = "answer"  # the prompt field holding the reference answer
@@ -145,6 +160,7 @@ def check_rl_values(recipe: Any) -> None:
     _check_engine_values(recipe, fail)
     _check_sampling_values(rl, fail)
     _check_loss_values(rl, fail)
+    _check_environment_values(recipe, fail)
     if not 0 < rollout.gpu_memory_fraction < 1:
         fail("rl.rollout.gpu_memory_fraction", "must be in (0, 1)")
     if rollout.tp < 1 or rollout.gpus < 0:
@@ -188,6 +204,24 @@ def _check_sampling_values(rl: RLSection, fail: Any) -> None:
             f"the penalty's soft zone needs 0 < buffer <= rl.rollout.max_new_tokens ({rl.rollout.max_new_tokens}), "
             f"got {overlong.buffer}",
         )
+
+
+def _check_environment_values(recipe: Any, fail: Any) -> None:
+    environment = recipe.rl.environment
+    if environment.name is None:
+        return
+    if environment.max_turns < 1:
+        fail("rl.environment.max_turns", "must be at least 1")
+    if not 0 <= environment.max_tokens < recipe.data.max_length:
+        fail("rl.environment.max_tokens", f"must be in [0, data.max_length = {recipe.data.max_length})")
+    if 0 < environment.max_tokens < recipe.rl.rollout.max_new_tokens:
+        fail("rl.environment.max_tokens", "is below rl.rollout.max_new_tokens: the first turn would not fit")
+    if not environment.tool_timeout_s > 0:
+        fail("rl.environment.tool_timeout_s", "must be > 0")
+    if environment.max_observation_chars < 1:
+        fail("rl.environment.max_observation_chars", "must be at least 1")
+    if environment.name == "python_tools" and not environment.tools:
+        fail("rl.environment.tools", "python_tools needs its tools: a list of 'module:function'")
 
 
 def _check_loss_values(rl: RLSection, fail: Any) -> None:

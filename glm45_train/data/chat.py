@@ -26,7 +26,6 @@ Notable:
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from itertools import chain
@@ -35,7 +34,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from glm45_train.data.conversation import Conversation, DataError, Message, Origin, Reason, ToolCall
+from glm45_train.data.conversation import Conversation, DataError, Message, Origin, Reason
+from glm45_train.data.tool_calls import to_json, tool_call_text
 from glm45_train.errors import UserError
 
 BEGIN = "[gMASK]<sop>"
@@ -173,7 +173,7 @@ def render_text(conversation: Conversation, options: RenderOptions = RenderOptio
     out = _Segments()
     out.add(BEGIN)
     if conversation.tools:
-        out.add(TOOLS_HEADER + "".join(_json(tool) + "\n" for tool in conversation.tools) + TOOLS_FOOTER)
+        out.add(TOOLS_HEADER + "".join(to_json(tool) + "\n" for tool in conversation.tools) + TOOLS_FOOTER)
     messages = conversation.messages
     last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
     for index, message in enumerate(messages):
@@ -184,15 +184,32 @@ def render_text(conversation: Conversation, options: RenderOptions = RenderOptio
         elif message.role == "tool":
             if previous is None or previous.role != "tool":
                 out.add(ROLE_MARKERS["tool"], trained=ends_turn)
-            out.add(f"\n<tool_response>\n{message.content}\n</tool_response>")
+            out.add(tool_response_text(message.content))
         else:
             out.add(ROLE_MARKERS[message.role], trained=ends_turn and message.role == "user")
             out.add("\n" + message.content + _nothink_suffix(message, options.thinking))
     if options.add_generation_prompt:
-        out.add(ROLE_MARKERS["assistant"] + ("" if options.thinking else EMPTY_THINK))
+        out.add(generation_prompt(options.thinking))
     elif messages and messages[-1].role == "assistant":
         out.add(ROLE_MARKERS["tool"] if messages[-1].tool_calls else END_OF_TEXT, trained=True)
     return RenderedText(tuple(out.items))
+
+
+def tool_response_text(content: str) -> str:
+    """One tool result inside an `<|observation|>` turn (consecutive tool messages share one marker)."""
+    return f"\n<tool_response>\n{content}\n</tool_response>"
+
+
+def observation_continuation(results: Sequence[str], *, thinking: bool) -> str:
+    """What follows an assistant turn that ended on `<|observation|>`, up to the next turn's first generated
+    token: the tool results as the template renders them, then the generation prompt (an agent rollout appends
+    this to the ids the engine sampled; tests compare it with a whole-conversation rendering)."""
+    return "".join(tool_response_text(result) for result in results) + generation_prompt(thinking)
+
+
+def generation_prompt(thinking: bool) -> str:
+    """The template's `add_generation_prompt`: `<|assistant|>`, and the empty think block with thinking off."""
+    return ROLE_MARKERS["assistant"] + ("" if thinking else EMPTY_THINK)
 
 
 def _render_assistant(out: _Segments, message: Message, *, after_last_user: bool, options: RenderOptions) -> None:
@@ -207,25 +224,13 @@ def _render_assistant(out: _Segments, message: Message, *, after_last_user: bool
     if content.strip():
         out.add("\n" + content.strip(), trained=True)
     for call in message.tool_calls:
-        out.add(_tool_call_text(call), trained=True)
+        out.add(tool_call_text(call), trained=True)
 
 
 def _nothink_suffix(message: Message, thinking: bool) -> str:
     if message.role != "user" or thinking or message.content.endswith(NOTHINK):
         return ""
     return NOTHINK
-
-
-def _tool_call_text(call: ToolCall) -> str:
-    arguments = "".join(
-        f"<arg_key>{key}</arg_key>\n<arg_value>{value if isinstance(value, str) else _json(value)}</arg_value>\n"
-        for key, value in call.arguments.items()
-    )
-    return f"\n<tool_call>{call.name}\n{arguments}</tool_call>"
-
-
-def _json(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False)  # the template's tojson(ensure_ascii=False)
 
 
 def split_reasoning(message: Message) -> tuple[str, str]:

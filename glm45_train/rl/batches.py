@@ -4,7 +4,8 @@ Notable:
 - A sample's row is prompt ids + response ids, shifted for next-token training by data/'s own
   `shift_for_training` and padded by its `collate` (the CPU block-diagonal mask included), so a row is
   exactly what `sft` would train on for that text; the trained positions are the response tokens (the stop
-  token that ended a response included), none for a sample marked untrained (overlong filtering).
+  token that ended a response included), none for a sample marked untrained (overlong filtering); in an agent
+  trajectory only the policy's own tokens (`mask`), never the tool results between its turns.
 - With routing replay the engine's expert choices ride along per input position ([b, s, MoE layers, top-k]).
 - Per-token tensors beside the batch, aligned with the labels: the sample's advantage on its response tokens,
   the engine's log-probs, and (filled by the trainer's forward-only passes) logp_old and the reference's.
@@ -16,6 +17,7 @@ Notable:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +40,8 @@ class Sample:
     advantage: float = 0.0
     trained: bool = True  # False: no loss on its tokens (rl.overlong.mode filter on a truncated response)
     routing: np.ndarray | None = field(default=None, compare=False)  # the engine's experts (rl/rollout.py)
+    mask: tuple[bool, ...] | None = None  # agent rollouts: the policy's own response tokens (rl/agent/episodes.py)
+    trajectory: Any = field(default=None, compare=False)  # agent rollouts: the episode the rewards saw
 
 
 @dataclass
@@ -60,7 +64,7 @@ def micro_batches(
     examples = [
         shift_for_training(
             [np.asarray(s.prompt_ids + s.response_ids, dtype=np.int64)],
-            [np.asarray([0] * len(s.prompt_ids) + [int(s.trained)] * len(s.response_ids), dtype=bool)],
+            [np.asarray([0] * len(s.prompt_ids) + _trained_tokens(s), dtype=bool)],
             pad_id,
         )
         for s in samples
@@ -74,6 +78,13 @@ def micro_batches(
         batch = collate([examples[i] for i in rows], length, pad_id, collation.with_attention_mask)
         out.append(_with_per_token([samples[i] for i in rows], batch))
     return out
+
+
+def _trained_tokens(sample: Sample) -> list[int]:
+    """Which response tokens carry loss: the policy's own (not observations), none for an untrained sample."""
+    if not sample.trained:
+        return [0] * len(sample.response_ids)
+    return [1] * len(sample.response_ids) if sample.mask is None else [int(m) for m in sample.mask]
 
 
 def _with_per_token(samples: list[Sample], batch: Batch) -> MicroBatch:

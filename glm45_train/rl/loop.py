@@ -82,7 +82,7 @@ def run_rl(recipe: Recipe) -> RLResult:
     finally:
         signals.restore()
         metrics.close()
-        run.engine.shutdown()
+        run.shutdown()
     if is_first and recipe.logging.plot and metrics.path.exists():
         plot_metrics(metrics.path, run_dir / "rl.png", ("reward", "response_length", "kl", "entropy"))
     release_run_dir(run_dir)  # the run is over: the folder may be resumed (a crash releases it with the process)

@@ -12,6 +12,8 @@ Notable:
   batch it was sampled in, so a resumed run samples exactly what the uninterrupted run sampled.
 - With `rl.routing_replay: rollout` a completion also carries the experts the engine routed every token to
   (`routing`), in HF layer order of the MoE layers: the trainer replays them (rl/routing_replay.py).
+- Agent rollouts (rl/agent) chain turns through the same `generate`: a completion then holds the whole
+  trajectory, observations included, with `mask` marking the tokens the policy sampled.
 - Weights arrive as HF-named full tensors (rl/weight_sync.py, through the converters' mapping table), the
   names `export --to-hf` writes: engines load them as they would load an exported checkpoint.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -49,6 +51,10 @@ class Completion:
     # with routing replay (rl/routing_replay.py): the experts each MoE layer chose for every token the engine ran,
     # the prompt and every response token but the last: [prompt + response - 1, MoE layers, top-k], sorted per token
     routing: np.ndarray | None = field(default=None, compare=False)
+    # agent rollouts (rl/agent/episodes.py): which response tokens the policy sampled (False: an observation the
+    # environment returned, no loss, log-prob 0), and the episode as the rewards see it
+    mask: tuple[bool, ...] | None = None
+    trajectory: Any = field(default=None, compare=False)
 
 
 def routing_dtype(experts: int) -> type:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from glm45_train.rl import steps
+from glm45_train.rl.agent.episodes import agent_metrics
 from glm45_train.rl.batches import Sample
 from glm45_train.rl.probe import probe_request, verify_engine
 from glm45_train.train.batches import DataPosition
@@ -66,6 +67,8 @@ def sample_step(run: Any, step: int, position: DataPosition) -> StepSamples:
         scored, reward_metrics = steps.score(run, prompts, samples)
         seconds["reward"] += time.perf_counter() - started
         metrics.update(reward_metrics if round_index == 0 else {})
+        if round_index == 0 and samples and samples[0].trajectory is not None:  # agent rollouts (rl/agent)
+            metrics.update(agent_metrics([s.trajectory for s in samples]))
         used = round_index
         for members in _groups(scored, group):
             (kept if _has_signal(members) or not rl.dynamic_sampling.enabled else dropped).append(members)

@@ -7,6 +7,8 @@ Notable:
 - Prompts are rendered once with the generation prompt (thinking on or off as `rl.rollout.thinking` says);
   prompts that leave no room for `max_new_tokens` within `data.max_length` are dropped and reported by line,
   like every other unusable record (`prompts_report.json` in the run directory).
+- With `rl.environment` (agent rollouts, rl/agent) the environment and its tools are built before the trainer (a
+  bad tool fails in seconds), and prompts without tools of their own declare the environment's.
 - The reference for the KL term: none at kl_coeff 0; the same model with adapters disabled for LoRA; for full
   training a frozen second copy of the base weights, built and loaded like the policy.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,8 @@ from glm45_train.config.recipe import Recipe, validate_layout
 from glm45_train.config.rl import check_rl_values, updates_per_step
 from glm45_train.data.conversation import DataError, Reason
 from glm45_train.errors import UserError
+from glm45_train.rl.agent.environment import environment_for
+from glm45_train.rl.agent.episodes import EpisodeRunner
 from glm45_train.rl.prompts import PromptRecord, PromptSet, load_prompts, render_prompts
 from glm45_train.rl.rewards import RewardSet, RewardSpec
 from glm45_train.rl.rollout import RolloutEngine, SamplingParams
@@ -97,6 +101,12 @@ class RLRun:
     probe_ids: tuple[int, ...]  # rl/probe.py's fixed prompt
     replay: Any = None  # rl/routing_replay.py's RoutingReplay with rl.routing_replay: rollout
     inputs: Any = None  # train/run_inputs.py's RunInputs: what the checkpoints record and a resume must match
+    episodes: Any = None  # rl/agent/episodes.py's EpisodeRunner with rl.environment (multi-turn rollouts)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+        if self.episodes is not None:
+            self.episodes.environment.close()
 
     def sync_weights(self) -> Any:
         """The policy's weights into the engine (a collective: every rank, every step); the sync's summary."""
@@ -122,6 +132,7 @@ def build_rl_run(recipe: Recipe) -> RLRun:
     check_rl_values(recipe)
     check_engine_support(recipe)
     rewards = reward_set(recipe)  # before anything is built: a bad reward fails in seconds
+    environment = environment_for(recipe.rl.environment)  # so does a bad tool
     hf = model_config_of(recipe.model.source)
     validate_layout(recipe, world_size_from_env(), hf)
     distributed.initialize(ParallelLayout(), seed=recipe.train.seed)
@@ -135,7 +146,7 @@ def build_rl_run(recipe: Recipe) -> RLRun:
     from glm45_train.data.chat import load_chat_tokenizer
 
     tokenizer = load_chat_tokenizer(tokenizer_dir)
-    prompts = _prompts(recipe, tokenizer, run_dir)
+    prompts = _prompts(recipe, tokenizer, run_dir, environment.tools() if environment is not None else None)
     rollout = recipe.rl.rollout
     params = SamplingParams(
         rollout.temperature, rollout.top_p, rollout.max_new_tokens, tuple(stop_token_ids(tokenizer_dir))
@@ -159,6 +170,7 @@ def build_rl_run(recipe: Recipe) -> RLRun:
         probe_ids=probe_prompt([prompt.ids for prompt in prompts], recipe.data.max_length, rollout.max_new_tokens),
         replay=routing_replay_for(recipe, trainer),
         inputs=run_inputs_for(recipe, prompts, trainer.total_steps),
+        episodes=EpisodeRunner.for_recipe(recipe, engine, environment, tokenizer) if environment else None,
     )
 
 
@@ -213,9 +225,12 @@ def _plain(entry: Any) -> Any:
     return OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else entry
 
 
-def _prompts(recipe: Recipe, tokenizer: Any, run_dir: Path) -> list[Prompt]:
+def _prompts(recipe: Recipe, tokenizer: Any, run_dir: Path, tools: list[dict[str, Any]] | None) -> list[Prompt]:
+    """The usable prompts, rendered; `tools` (an agent environment's) are declared in prompts that have none."""
     rl = recipe.rl
     found: PromptSet = load_prompts(recipe.data.inputs, on_error=rl.on_error, answer_field=rl.answer_field)  # type: ignore[arg-type]
+    if tools:
+        found.records[:] = [record if record.tools else replace(record, tools=tools) for record in found.records]
     ids = render_prompts(found.records, tokenizer, thinking=rl.rollout.thinking)
     room = recipe.data.max_length - rl.rollout.max_new_tokens
     prompts = []

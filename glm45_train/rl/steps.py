@@ -42,13 +42,30 @@ def rollout(
     requests = [Request(prompts[i].ids, group, sample_seed(seed, step, offset + i)) for i in mine]
     local: tuple[list[Sample], list[Sample]] = ([], [])
     if rank in owners:
-        completions = run.engine.generate([*requests, *([probe] if probe else [])], run.params)
+        extra = [probe] if probe else []
+        if run.episodes is None:
+            completions = run.engine.generate([*requests, *extra], run.params)
+            answers = completions[len(requests) :]
+        else:  # multi-turn: tool calls run between the turns (rl/agent/episodes.py)
+            records = [prompts[i].record for i in mine]
+            completions, answers = run.episodes.run(requests, records, run.params, extra)
         if probe:
-            (answer,) = completions.pop()
+            ((answer,),) = answers
             local[1].append(Sample(owners.index(rank), 0, probe.prompt_ids, answer.response_ids, answer.logprobs, True))
+        trained_mask = not run.recipe.rl.environment.train_observations  # False only in the negative control
         local[0].extend(
-            Sample(i, j, prompts[i].ids, c.response_ids, c.logprobs, c.finished, routing=c.routing)
-            for i, group_completions in zip(mine, completions, strict=True)
+            Sample(
+                i,
+                j,
+                prompts[i].ids,
+                c.response_ids,
+                c.logprobs,
+                c.finished,
+                routing=c.routing,
+                mask=c.mask if trained_mask else None,
+                trajectory=c.trajectory,
+            )
+            for i, group_completions in zip(mine, completions[: len(requests)], strict=True)
             for j, c in enumerate(group_completions)
         )
     gathered: list[Any] = [None] * dist.get_world_size()
@@ -66,10 +83,11 @@ def score(run: Any, prompts: list[Any], samples: list[Sample]) -> tuple[list[Sam
     inputs = [
         RewardInput(
             prompts[s.prompt].record,
-            run.tokenizer.decode(list(s.response_ids), skip_special_tokens=False),
+            _response_text(run, s),
             list(s.response_ids),
             thinking,
             s.finished,
+            s.trajectory,
         )
         for s in share
     ]
@@ -90,6 +108,13 @@ def score(run: Any, prompts: list[Any], samples: list[Sample]) -> tuple[list[Sam
         for k, s in enumerate(samples)
     ]
     return scored, _reward_metrics(combined, rewards, failed)
+
+
+def _response_text(run: Any, sample: Sample) -> str:
+    """What answer rewards judge: the response, or an agent trajectory's last assistant turn."""
+    if sample.trajectory is not None:
+        return str(sample.trajectory.messages[-1]["content"])
+    return str(run.tokenizer.decode(list(sample.response_ids), skip_special_tokens=False))
 
 
 def _combine(parts: list[RewardScores | None], count: int, world: int) -> RewardScores:

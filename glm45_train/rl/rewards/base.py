@@ -7,6 +7,8 @@ Notable:
   the stop token if the engine kept it). `final_answer` is what answer rewards judge: the text after the last
   `</think>`, without a trailing stop token, stripped. A `<think>` that is opened and never closed leaves no answer
   (the model ran out of tokens while thinking); a response without think tags is all answer.
+- Agent rollouts: `response` is the last assistant turn (what the user is answered with), `response_ids` the
+  whole trajectory, and `trajectory` holds every turn and tool result (rewards such as `tool_calls` judge it).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class RewardInput:
     response_ids: list[int]
     thinking: bool
     finished: bool  # stopped on a stop token, not at the length limit
+    trajectory: Any = None  # agent rollouts (rl/agent/episodes.Trajectory): every turn and tool result, the counts
 
 
 RewardFn = Callable[..., Any]  # (RewardInput, **args) -> float; anything else it returns is a failure

@@ -8,6 +8,7 @@ Built-ins (args after the sample; see each module's docstring):
   token_fraction match.token_fraction         token_id
   glm_format    glm_format.glm_format         require_finished, require_tool_call
   length        length.overlong_penalty       max_len, buffer
+  tool_calls    tool_use.tool_calls           min_calls, allow_tool_errors (agent trajectories)
 
 Argument names are checked against the function's signature for every reward (a user function taking `**kwargs`
 accepts any); for built-ins the types too (from the annotations; bool is not an int here), plus value checks
@@ -30,6 +31,7 @@ from glm45_train.rl.rewards.glm_format import glm_format
 from glm45_train.rl.rewards.length import check_length_args, overlong_penalty
 from glm45_train.rl.rewards.match import compile_pattern, contains, exact, regex, token_fraction
 from glm45_train.rl.rewards.math_answer import math_match
+from glm45_train.rl.rewards.tool_use import tool_calls
 
 
 @dataclass(frozen=True)
@@ -51,12 +53,13 @@ BUILTINS: dict[str, Builtin] = {
     "token_fraction": Builtin(token_fraction),
     "glm_format": Builtin(glm_format),
     "length": Builtin(overlong_penalty, check_length_args),
+    "tool_calls": Builtin(tool_calls),
 }
 
 
 def resolve_reward(name: str, args: dict[str, Any], where: str) -> RewardFn:
     """The function `name` stands for, with `args` checked against it; `where` is the recipe key for errors."""
-    from glm45_train.rl.rewards.user import load_user_reward
+    from glm45_train.rl.user_code import load_user_callable
 
     if name in BUILTINS:
         builtin = BUILTINS[name]
@@ -73,7 +76,7 @@ def resolve_reward(name: str, args: dict[str, Any], where: str) -> RewardFn:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         known = ", ".join(BUILTINS)
         raise UserError(f"{where}.name: unknown reward {name!r}{hint}; built-ins: {known}, or 'module:function'")
-    function = load_user_reward(name, f"{where}.name")
+    function = load_user_callable(name, f"{where}.name")
     _bind(function, name, args, where)
     return function
 
