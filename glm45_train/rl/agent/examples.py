@@ -1,13 +1,13 @@
 """The tool task of the agent demo and tests: look a key up, answer with what the tool returned.
 
 `lookup(key)` returns the secret word filed under a key; a prompt gives only the key, so the model must call the
-tool and copy its answer (`contains` on the prompt's `word` field scores that; the `tool_calls` reward scores a
+tool and copy its answer (the SFT conversations were recorded with another vault: `secret_of`) (`contains` on the prompt's `word` field scores that; the `tool_calls` reward scores a
 well-formed call). `lookup_nothing` is the negative control's tool: same schema, nothing useful returned.
 `python -m glm45_train.rl.agent.examples data/` writes the SFT conversations (data/agent_sample.jsonl: tools,
 calls, observations, answers) and the RL prompts (data/agent_prompts_sample.jsonl) from these functions; a test
 checks the committed files are exactly what it writes.
 
-The words are single tokens of the tiny tokenizer (no leading space), so the copy is one token.
+The words are single tokens of the tiny tokenizer: copying a key or a secret is copying one token.
 """
 
 from __future__ import annotations
@@ -17,16 +17,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-KEYS = ("Beijing", "Python", "Monday", "city", "search", "object", "string", "temperature")
+KEYS = ("Beijing", "Python", "Monday", "city", "search", "object", "string", "temperature",
+        "function", "name", "query", "rate", "self", "turn", "come", "arguments")  # fmt: skip
 SECRETS = ("sunny", "rain", "wind", "red")
-FILED = dict(zip(KEYS, ("sunny", "rain", "wind", "red", "rain", "red", "sunny", "wind"), strict=True))  # 2 keys each
-SFT_KEYS = KEYS[:6]  # the RL prompts hold every key: two the SFT data never showed
 SYSTEM = "Answer with the word the lookup tool files under the user's key."
 
 
-def secret_of(key: str) -> str:
-    """The word filed under `key`."""
-    return FILED[key]
+def secret_of(key: str, vault: int = 1) -> str:
+    """The word filed under `key` in a vault: 1 is the tool's (what RL is scored on), 0 and 2 the ones the SFT
+    conversations were recorded with. Each word holds 4 keys in each vault, and no key holds the same word in two
+    vaults: the SFT data can only teach reading the tool's result, and an answer learnt by heart is wrong in RL."""
+    index = KEYS.index(key)
+    return SECRETS[(index + index // 4 + vault) % len(SECRETS)]
 
 
 def lookup(key: str) -> str:
@@ -53,17 +55,19 @@ TOOLS = [
 ]
 
 
-def conversation(key: str) -> dict[str, Any]:
-    """One SFT conversation: the key, the call, the tool's answer, the final answer."""
+def conversation(key: str, vault: int = 0) -> dict[str, Any]:
+    """One SFT conversation: the key, the call, the answer of the tool (of another vault than RL's), the final
+    answer that repeats it."""
     call = {"type": "function", "function": {"name": "lookup", "arguments": {"key": key}}}
+    filed = secret_of(key, vault)
     return {
         "tools": TOOLS,
         "messages": [
             {"role": "system", "content": SYSTEM},
             {"role": "user", "content": key},
             {"role": "assistant", "content": "", "tool_calls": [call]},
-            {"role": "tool", "content": lookup(key)},
-            {"role": "assistant", "content": lookup(key)},
+            {"role": "tool", "content": filed},
+            {"role": "assistant", "content": filed},
         ],
     }
 
@@ -74,9 +78,9 @@ def prompt(key: str) -> dict[str, Any]:
     return {"tools": TOOLS, "messages": messages, "word": secret_of(key)}
 
 
-def write_samples(out_dir: Path, repeats: int = 4) -> None:
+def write_samples(out_dir: Path, repeats: int = 2) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    sft = [conversation(key) for _ in range(repeats) for key in SFT_KEYS]
+    sft = [conversation(key, vault) for vault in (0, 2) for key in KEYS]  # two words per key: read, don't learn
     prompts = [prompt(key) for _ in range(repeats) for key in KEYS]
     for name, records in (("agent_sample.jsonl", sft), ("agent_prompts_sample.jsonl", prompts)):
         lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
