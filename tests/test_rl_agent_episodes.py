@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from typing import Literal
 
 import pytest
 
@@ -288,3 +289,78 @@ def test_an_environment_that_raises_is_an_observation(chat_tokenizer):
     ((trajectory,),), _ = runner.run([Request(prompt_ids, 1, 0)], [record], SamplingParams(1, 1, 64, ()))
     assert "the environment failed: ZeroDivisionError" in trajectory.trajectory.messages[1]["content"]
     assert trajectory.finished and trajectory.trajectory.tool_errors == 1
+
+
+# --- the code interpreter's sandbox ----------------------------------------------------------------------------
+
+PROGRAMS = {
+    "writes outside": ("open('/tmp/glm45-sandbox-escape', 'w').write('x')", "outside the working directory", False),
+    "fork bomb": ("import os\nwhile True:\n    os.fork()", "os.fork is not allowed", False),
+    "shell": ("import subprocess\nsubprocess.run(['ls'])", "subprocess.Popen is not allowed", False),
+    "network": ("import socket\nsocket.create_connection(('10.0.0.1', 80), timeout=1)", "socket", False),
+    "allocates": ("x = bytearray(4 << 30)", "MemoryError", False),
+    "spins": ("while True:\n    pass", "", True),  # the CPU limit or the wall clock, whichever comes first
+    "sleeps": ("import time\ntime.sleep(60)", "wall-clock limit", True),
+    "floods": ("while True:\n    print('x' * 10000)", "MB limit", False),
+}
+
+
+@pytest.fixture(scope="module")
+def interpreter():
+    from glm45_train.rl.agent.code_interpreter import CodeInterpreter
+
+    return CodeInterpreter(EnvironmentConfig([], 3.0, 300, {"memory_mb": 256, "cpu_s": 2, "file_mb": 1}))
+
+
+def _program(code: str):
+    from glm45_train.data.tool_calls import ParsedCall
+
+    return ParsedCall("python", [("code", code)])
+
+
+@pytest.mark.parametrize("case", list(PROGRAMS))
+def test_the_sandbox_stops_and_reports_what_a_program_must_not_do(interpreter, case):
+    code, expected, timed_out = PROGRAMS[case]
+    episode = interpreter.start(None)
+    try:
+        (result,) = episode.act([_program(code)]).results
+    finally:
+        episode.close()
+    assert result.error and expected in result.text, result.text
+    assert result.timed_out == timed_out or case == "spins"
+    assert len(result.text) < 600
+    assert not __import__("os").path.exists("/tmp/glm45-sandbox-escape")
+
+
+def test_files_persist_within_an_episode_and_the_directory_goes_with_it(interpreter):
+    episode = interpreter.start(None)
+    directory = episode.directory
+    first = episode.act([_program("open('notes.txt', 'w').write('kept')\nprint('written')")]).results[0]
+    second = episode.act([_program("print(open('notes.txt').read())")]).results[0]
+    episode.close()
+    assert (first.text, second.text) == ("written\n", "kept\n") and not first.error
+    assert not directory.exists()
+
+
+def test_tool_schemas_come_from_type_hints_and_unusable_hints_are_named():
+    from glm45_train.errors import UserError
+    from glm45_train.rl.agent.tool_schema import schema_of
+
+    def search(query: str, limit: int = 5, mode: Literal["fast", "deep"] = "fast", tags: list[str] | None = None):
+        """Search the index.
+
+        Longer text the schema leaves out."""
+
+    function = schema_of(search, "search", "rl.environment.tools[0]")["function"]
+    assert function["description"] == "Search the index."
+    assert function["parameters"]["properties"] == {
+        "query": {"type": "string"}, "limit": {"type": "integer"}, "mode": {"enum": ["fast", "deep"]},
+        "tags": {"type": "array"},
+    }  # fmt: skip
+    assert function["parameters"]["required"] == ["query"]
+
+    def bad(when: complex) -> str:
+        return ""
+
+    with pytest.raises(UserError, match=r"rl.environment.tools\[0\]: tool 'bad': parameter 'when': type"):
+        schema_of(bad, "bad", "rl.environment.tools[0]")

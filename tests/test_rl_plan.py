@@ -18,7 +18,7 @@ from glm45_train.launch.plan import GIB, plan
 from glm45_train.launch.report import format_plan
 from tests.conftest import REPO_ROOT
 
-RL_RECIPES = {"air_grpo": ("air", 32), "glm45_grpo": ("glm45", 128)}  # (model, H20 GPUs) of the seed's table
+RL_RECIPES = {"air_grpo": ("air", 32), "glm45_grpo": ("glm45", 128), "air_agent_grpo": ("air", 32)}  # (model, H20s)
 ENGINE_LINES = ("rollout engine", "engine weights", "KV cache", "generating (colocated)", "training (engine asleep)")
 GENERATING = re.compile(r"([\d.]+) GiB while generating")
 
@@ -46,6 +46,8 @@ def test_rl_recipe_checks_validates_and_fits(name):
     generating = result.rl.phases[0]
     stated = GENERATING.search((REPO_ROOT / f"recipes/{name}.yaml").read_text())
     assert stated and abs(float(stated.group(1)) - generating.total / GIB) < 0.1  # the header says what plan says
+    if recipe.rl.environment.name is not None:  # agent recipes: the episode budget is stated
+        assert "agent episodes (rl.environment = code_interpreter): up to 6 assistant turns" in report
 
 
 @pytest.mark.parametrize("name", RL_RECIPES)

@@ -144,6 +144,8 @@ def _rl_lines(result: Plan, rl: RolloutPlan) -> list[str]:
         f"{max(0.0, rl.kv_cache) / rl.kv_per_token / 1e3:.0f}k tokens = {rl.kv_rows:.1f} rows of {rl.row_tokens})",
     ]
     lines += [f"  {_phase_line(phase)}" for phase in rl.phases]
+    if recipe.rl.environment.name is not None:
+        lines.append(f"  {_agent_line(recipe)}")
     if rl.routing_record:
         lines.append(
             f"  routing replay record: {rl.routing_record / GIB:.2f} GiB of host memory per rank per step "
@@ -161,6 +163,18 @@ def _rl_lines(result: Plan, rl: RolloutPlan) -> list[str]:
     failure = rl.failure()
     lines.append(f"rl fit: {'fits' if failure is None else 'does NOT fit: ' + failure}")
     return lines
+
+
+def _agent_line(recipe: Recipe) -> str:
+    """The multi-turn rollout budget: what one trajectory may hold, inside the row the figures above count."""
+    environment, rollout = recipe.rl.environment, recipe.rl.rollout
+    budget = environment.max_tokens or recipe.data.max_length
+    return (
+        f"agent episodes (rl.environment = {environment.name}): up to {environment.max_turns} assistant turns of "
+        f"<= {rollout.max_new_tokens} tokens with tool results between them, at most {budget} tokens after the "
+        f"prompt and {recipe.data.max_length} in all (each turn re-enters the engine with the whole trajectory: "
+        "its KV cache and the training row are counted at that length)"
+    )
 
 
 def _reference_line(recipe: Recipe, rl: RolloutPlan) -> str:

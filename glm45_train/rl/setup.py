@@ -30,8 +30,8 @@ from glm45_train.config.recipe import Recipe, validate_layout
 from glm45_train.config.rl import check_rl_values, updates_per_step
 from glm45_train.data.conversation import DataError, Reason
 from glm45_train.errors import UserError
-from glm45_train.rl.agent.environment import environment_for
 from glm45_train.rl.agent.episodes import EpisodeRunner
+from glm45_train.rl.agent.registry import environment_for
 from glm45_train.rl.prompts import PromptRecord, PromptSet, load_prompts, render_prompts
 from glm45_train.rl.rewards import RewardSet, RewardSpec
 from glm45_train.rl.rollout import RolloutEngine, SamplingParams

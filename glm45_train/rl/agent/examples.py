@@ -1,11 +1,12 @@
 """The tool task of the agent demo and tests: look a key up, answer with what the tool returned.
 
 `lookup(key)` returns the secret word filed under a key; a prompt gives only the key, so the model must call the
-tool and copy its answer (the SFT conversations were recorded with another vault: `secret_of`) (`contains` on the prompt's `word` field scores that; the `tool_calls` reward scores a
-well-formed call). `lookup_nothing` is the negative control's tool: same schema, nothing useful returned.
-`python -m glm45_train.rl.agent.examples data/` writes the SFT conversations (data/agent_sample.jsonl: tools,
-calls, observations, answers) and the RL prompts (data/agent_prompts_sample.jsonl) from these functions; a test
-checks the committed files are exactly what it writes.
+tool and copy its answer. The SFT conversations were recorded with other vaults (`secret_of`): they teach the call
+and reading its result, and an answer learnt by heart from them is wrong in RL. `contains` on the prompt's `word`
+field scores the answer, the `tool_calls` reward a well-formed call. `lookup_nothing` is a negative control's tool:
+same schema, nothing useful returned. `python -m glm45_train.rl.agent.examples data/` writes the SFT conversations
+(data/agent_sample.jsonl: tools, calls, observations, answers) and the RL prompts (data/agent_prompts_sample.jsonl);
+a test checks the committed files are exactly what it writes.
 
 The words are single tokens of the tiny tokenizer: copying a key or a secret is copying one token.
 """
