@@ -87,24 +87,18 @@ class CodeInterpreter:
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
-                    text = _read(output, self.config.max_observation_chars)
+                    text, _ = _read(output, self.config.max_observation_chars)
                     why = f"error: stopped after {self.config.tool_timeout_s:g} s (wall-clock limit)"
                     return ToolResult(f"{text}\n{why}".lstrip(), True, True)
-            text = _read(output, self.config.max_observation_chars)
+            text, size = _read(output, self.config.max_observation_chars)
         finally:
             output.unlink(missing_ok=True)
         if status == 0:
             return ToolResult(text)
         why = SIGNALS.get(-status, f"signal {-status}") if status < 0 else f"exit status {status}"
-        if self._output_was_full(text):
+        if size >= int(self.limits["file_mb"]) << 20:
             why = f"its output reaching the {self.limits['file_mb']} MB limit"
         return ToolResult(f"{text}\nerror: the program ended with {why}".lstrip(), error=True)
-
-    def _output_was_full(self, text: str) -> bool:
-        if TRUNCATED not in text:
-            return False
-        size = int(text.rsplit(TRUNCATED, 1)[1].split(" ", 1)[0])
-        return size >= int(self.limits["file_mb"]) << 20
 
 
 class _Episode:
@@ -143,14 +137,15 @@ def _clean_env() -> dict[str, str]:
     return {key: os.environ[key] for key in keep if key in os.environ} | {"OMP_NUM_THREADS": "1"}
 
 
-def _read(path: Path, limit: int) -> str:
+def _read(path: Path, limit: int) -> tuple[str, int]:
+    """(what the program printed, cut to `limit` characters, saying so; its size in bytes)."""
     with path.open("rb") as file:
         data = file.read(limit * 4 + 4)  # a UTF-8 character is at most 4 bytes
     text = data.decode("utf-8", errors="replace")
     size = path.stat().st_size
     if len(text) > limit or size > len(data):
-        return text[:limit] + f"{TRUNCATED}{size} bytes of output in all]"
-    return truncated(text, limit)
+        return text[:limit] + f"{TRUNCATED}{size} bytes of output in all]", size
+    return truncated(text, limit), size
 
 
 @functools.cache

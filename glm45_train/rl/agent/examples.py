@@ -2,9 +2,10 @@
 
 `lookup(key)` returns the secret word filed under a key; a prompt gives only the key, so the model must call the
 tool and copy its answer. The SFT conversations were recorded with other vaults (`secret_of`): they teach the call
-and reading its result, and an answer learnt by heart from them is wrong in RL. `contains` on the prompt's `word`
-field scores the answer, the `tool_calls` reward a well-formed call. `lookup_nothing` is a negative control's tool:
-same schema, nothing useful returned. `python -m glm45_train.rl.agent.examples data/` writes the SFT conversations
+and reading its result, and an answer learnt by heart from them is wrong in RL (RL itself can still learn the
+tool's 16-entry table by heart: on the tiny model that is what a run's rising `contains` measured, so the task
+shows the plumbing, not tool use). `contains` on the prompt's `word` field scores the answer, the `tool_calls`
+reward a well-formed call. `python -m glm45_train.rl.agent.examples data/` writes the SFT conversations
 (data/agent_sample.jsonl: tools, calls, observations, answers) and the RL prompts (data/agent_prompts_sample.jsonl);
 a test checks the committed files are exactly what it writes.
 
@@ -37,11 +38,6 @@ def lookup(key: str) -> str:
     if key not in KEYS:
         raise KeyError(f"no key {key!r}")
     return secret_of(key)
-
-
-def lookup_nothing(key: str) -> str:
-    """Look up the secret word filed under a key."""
-    return "nothing"
 
 
 TOOLS = [
