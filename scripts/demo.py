@@ -3,8 +3,10 @@
 make-tiny -> export --to-mcore (with the precision check against transformers) -> data prepare (the sample
 distillation set, thinking -> non-thinking, packed) -> LoRA SFT on 2 processes (expert parallel 2) -> export
 --to-hf with the LoRA merged (precision-checked against the trained Megatron model) -> GRPO on the merged model
-(2 processes) -> export the RL run -> chat with thinking off -> serve the RL export with vLLM (`glm45-train
-serve`'s machinery) and send one chat request with a tool, thinking off.
+(2 processes) -> export the RL run -> evaluate the base, SFT and RL models on the sample prompt set (thinking off;
+a tiny random model scores near zero: the plumbing and the report's shape are the point) -> chat with thinking
+off -> serve the RL export with vLLM (`glm45-train serve`'s machinery) and send one chat request with a tool,
+thinking off.
 Every step is a `glm45-train` command, printed before it runs (serving runs until Ctrl-C, so the demo starts it
 through the same library calls, sends its request and stops it).
 """
@@ -23,6 +25,7 @@ from glm45_train.runtime.vllm_cpu import is_installed
 from glm45_train.serve.launch import build_server, curl_command, sample_chat_request
 from glm45_train.serve.server import SERVED_NAME, free_port
 
+EVAL_ENGINE = "hf"  # three tiny models: transformers answers before a vLLM server would have started
 SERVE_ARGS = ["--enforce-eager", "--kv-cache-memory-bytes", "1G"]  # CPU: no torch.compile, a small KV cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,37 +73,42 @@ def demo(work: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)  # the demo owns its directory: every run starts clean
     names = ("tiny-air-hf", "tiny-air-mcore", "data", "lora", "merged", "grpo", "grpo-hf")
     hf, mcore, data, run_dir, merged, rl_dir, rl_hf = (work / n for n in names)
-    step("1/9 make a tiny GLM-4.5-Air (released on-disk format, local tokenizer and chat template)")
+    step("1/10 make a tiny GLM-4.5-Air (released on-disk format, local tokenizer and chat template)")
     run("make-tiny", str(hf), "--preset", "air", "--overwrite")
-    step("2/9 convert HF -> Megatron-Core torch_dist, then check logits against transformers (fp32)")
+    step("2/10 convert HF -> Megatron-Core torch_dist, then check logits against transformers (fp32)")
     run("export", "--to-mcore", "--model", str(hf), "--output-dir", str(mcore), "--test-precision", "--overwrite")
-    step("3/9 render + tokenize + pack the sample distillation data (thinking -> non-thinking)")
+    step("3/10 render + tokenize + pack the sample distillation data (thinking -> non-thinking)")
     run(
         "data", "prepare", str(REPO / "data/sample_distill.jsonl"), "--tokenizer", str(hf), "--output-dir", str(data),
         "--max-length", "512", "--mode", "non-thinking", "--pack",
     )  # fmt: skip
-    step("4/9 LoRA SFT on 2 processes (expert parallel 2), from the converted checkpoint")
+    step("4/10 LoRA SFT on 2 processes (expert parallel 2), from the converted checkpoint")
     run_distributed(
         2, "sft", str(REPO / "recipes/tiny_lora.yaml"), f"model.source={mcore}", f"data.prepared={data}",
         "data.inputs=[]", f"checkpoint.dir={run_dir}",
     )  # fmt: skip
-    step("5/9 export the result to HF with the LoRA merged, checked against the trained Megatron model")
+    step("5/10 export the result to HF with the LoRA merged, checked against the trained Megatron model")
     run("export", "--to-hf", "--model", str(run_dir), "--output-dir", str(merged), "--merge-lora", "--dtype", "fp32",
         "--test-precision", "--overwrite")  # fmt: skip
-    step("6/9 GRPO after SFT on 2 processes: sample groups, reward (answer with the word 'query'), update")
+    step("6/10 GRPO after SFT on 2 processes: sample groups, reward (answer with the word 'query'), update")
     run_distributed(
         2, "rl", str(REPO / "recipes/tiny_grpo.yaml"), f"model.source={merged}", f"checkpoint.dir={rl_dir}",
         "train.steps=16",
     )  # fmt: skip
-    step("7/9 export the RL run to HF, as an SFT run exports")
+    step("7/10 export the RL run to HF, as an SFT run exports")
     run("export", "--to-hf", "--model", str(rl_dir), "--output-dir", str(rl_hf), "--overwrite")
-    step("8/9 chat with the RL model, thinking off (a tiny random model answers nonsense, in format)")
+    step("8/10 evaluate the base, SFT and RL models on the sample prompt set, thinking off (greedy, math scorer)")
+    run(
+        "eval", f"base={hf}", f"sft={merged}", f"rl={rl_hf}", "--data", str(REPO / "data/rl_prompts_sample.jsonl"),
+        "--thinking", "off", "--engine", EVAL_ENGINE, "--max-new-tokens", "32", "--output-dir", str(work / "eval"),
+    )  # fmt: skip
+    step("9/10 chat with the RL model, thinking off (a tiny random model answers nonsense, in format)")
     run("chat", str(rl_hf), "--prompt", "用一句话介绍你自己。", "--thinking", "off", "--max-new-tokens", "24")
-    step("9/9 serve the RL model with vLLM (GLM-4.5's tool and reasoning parsers) and send a tool request")
+    step("10/10 serve the RL model with vLLM (GLM-4.5's tool and reasoning parsers) and send a tool request")
     serve_and_ask(rl_hf, work / "serve.log")
     print(
         f"\ndemo finished in {time.time() - started:.0f} s: SFT loss curve {run_dir / 'loss.png'}, "
-        f"RL curves {rl_dir / 'rl.png'}, models {merged} and {rl_hf}"
+        f"RL curves {rl_dir / 'rl.png'}, eval {work / 'eval' / 'summary.png'}, models {merged} and {rl_hf}"
     )
 
 

@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("glm45_train.launch",),  # planner, Slurm, rehearse
     ("glm45_train.train",),  # sft
     ("glm45_train.rl",),  # GRPO on top of train
+    ("glm45_train.evaluate",),  # eval: prompt sets, RL rewards as scorers, the RL engines on exports
     ("glm45_train.cli",),
 ]
 

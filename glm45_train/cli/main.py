@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from glm45_train import __version__
-from glm45_train.cli import chat, check, data, export, make_tiny, plan, push, rl, serve, sft, submit
+from glm45_train.cli import chat, check, data, evaluate, export, make_tiny, plan, push, rl, serve, sft, submit
 from glm45_train.errors import UserError
 
-COMMANDS = (make_tiny, export, data, check, sft, rl, chat, serve, plan, submit, push)
+COMMANDS = (make_tiny, export, data, check, sft, rl, chat, evaluate, serve, plan, submit, push)
 
 
 class CommandParser(argparse.ArgumentParser):

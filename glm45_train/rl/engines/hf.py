@@ -243,7 +243,13 @@ def _generator(seed: int) -> torch.Generator:
 def sample(
     logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token per row, its log-prob at the temperature) from fp32 logits [rows, vocab], one generator per row."""
+    """(token per row, its log-prob at the temperature) from fp32 logits [rows, vocab], one generator per row.
+    Temperature 0 is greedy decoding: the most likely token (the first of equals, as torch.argmax and vLLM take
+    it) and its log-prob at temperature 1."""
+    if params.temperature == 0:
+        logp = torch.log_softmax(logits, dim=-1)
+        tokens = logits.argmax(dim=-1)
+        return tokens, logp.gather(-1, tokens[:, None])[:, 0]
     logp = torch.log_softmax(logits / params.temperature, dim=-1)
     probs = logp.exp()
     if params.top_p < 1.0:

@@ -93,14 +93,17 @@ def as_cli_flags(args: dict[str, Any]) -> list[str]:
 
 
 class VLLMEngine:
-    """RolloutEngine on vLLM; `backend` is an InProcess or a Server."""
+    """RolloutEngine on vLLM; `backend` is an InProcess or a Server. `loaded`: the backend already holds the weights
+    it samples from (a server started on an export, for eval), so no `update_weights` must come first."""
 
-    def __init__(self, backend: Backend, hf: Glm45Config, weights_dir: Path) -> None:
+    def __init__(self, backend: Backend, hf: Glm45Config | None, weights_dir: Path, loaded: bool = False) -> None:
         self.backend, self.hf, self.weights_dir = backend, hf, weights_dir
-        self.loaded = False
+        self.loaded = loaded
         self.last_load: dict[str, Any] = {}
 
     def update_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self.hf is None:
+            raise RuntimeError("VLLMEngine.update_weights: a server at a URL only samples (no model config given)")
         files = write_buckets(tensors, WeightCheck(self.hf), self.weights_dir)
         try:
             self.last_load = self._load(files)
