@@ -154,20 +154,28 @@ def test_sampling_is_seeded_per_sample(tiny_air, tmp_path):
 
 
 @pytest.mark.skipif(not is_installed(), reason="vLLM is not installed")
-def test_vllm_greedy_equals_transformers(tiny_air, mcore_dirs, tmp_path):
-    """fp32 greedy decoding: the same responses from vLLM and transformers, thinking on and off; a converted
-    Megatron checkpoint given as the model is exported on the fly and answers as its HF source does."""
+def test_vllm_greedy_equals_transformers(tiny_air, tmp_path):
+    """fp32 greedy decoding: the same responses from vLLM and transformers, thinking on and off."""
     data = [write_set(tmp_path / "set.jsonl", ["x"] * 8)]
     hf = run_eval(tiny_air, data, tmp_path / "hf", "--engine", "hf", "--thinking", "both", "--max-new-tokens", "24")
-    served = run_eval([f"base={tiny_air}", f"converted={mcore_dirs['air']}"], data, tmp_path / "vllm",
-                      "--engine", "vllm", "--thinking", "both", "--max-new-tokens", "24")  # fmt: skip
+    served = run_eval(tiny_air, data, tmp_path / "vllm", "--engine", "vllm", "--thinking", "both",
+                      "--max-new-tokens", "24")  # fmt: skip
     assert hf["engine"] == "hf" and served["engine"] == "vllm"
     reference = [(r["thinking"], r["index"], r["response"]) for r in samples_of(tmp_path / "hf")]
-    rows = samples_of(tmp_path / "vllm")
-    for label in ("base", "converted"):
-        assert [(r["thinking"], r["index"], r["response"]) for r in rows if r["model"] == label] == reference
-    assert (tmp_path / "vllm" / "exports" / "converted" / "config.json").is_file()
-    assert served["models"]["converted"] == str(tmp_path / "vllm" / "exports" / "converted")
+    assert [(r["thinking"], r["index"], r["response"]) for r in samples_of(tmp_path / "vllm")] == reference
+    assert len({response for *_, response in reference}) > 8  # different answers, in both modes
+
+
+def test_a_run_directory_is_exported_on_the_fly(tiny_air, mcore_dirs, tmp_path):
+    """A converted Megatron checkpoint given as the model is exported into the output and answers as its source."""
+    data = [write_set(tmp_path / "set.jsonl", ["x"] * 8)]
+    report = run_eval([f"source={tiny_air}", f"converted={mcore_dirs['air']}"], data, tmp_path / "out",
+                      "--engine", "hf")  # fmt: skip
+    rows = samples_of(tmp_path / "out")
+    responses = {label: [r["response"] for r in rows if r["model"] == label] for label in ("source", "converted")}
+    assert responses["source"] == responses["converted"] and len(responses["source"]) == 8
+    assert report["models"]["converted"] == str(tmp_path / "out" / "exports" / "converted")
+    assert (tmp_path / "out" / "exports" / "converted" / "config.json").is_file()
 
 
 def test_bad_input_is_named_and_leaves_nothing(tiny_air, tmp_path, capsys):
