@@ -220,3 +220,17 @@ def test_summary_counts_thinking_truncation_and_tool_calls():
     assert line.thinks == pytest.approx(1 / 6) and line.truncated == pytest.approx(1 / 6)
     assert line.mean_reasoning_tokens == 1.0 and line.tool_call_validity == 0.5
     assert line.mean_tokens == 15.0
+
+
+def test_prompt_field_stands_for_messages():
+    from glm45_train.data.conversation import DataError, Origin
+    from glm45_train.rl.prompts import prompt_from_record
+
+    origin = Origin("set.jsonl", 3)
+    plain, _ = prompt_from_record({"prompt": "What is 2 + 3?", "answer": 5, "level": 1}, origin)
+    assert plain.messages == [{"role": "user", "content": "What is 2 + 3?"}]
+    assert plain.answer == "5" and plain.extra == {"level": 1}
+    listed, _ = prompt_from_record({"prompt": [{"role": "user", "content": "hi"}]}, origin)
+    assert listed.messages == [{"role": "user", "content": "hi"}]
+    with pytest.raises(DataError, match="messages"):
+        prompt_from_record({"prompt": 7}, origin)

@@ -8,6 +8,7 @@ Notable:
   answer (reasoning split off, stripped) becomes the reference answer — the math reward then finds its
   `\\boxed{}` or last number. The report counts these records (`final_turns_removed`). Anything else that does
   not end with a prompt turn is dropped as `last_turn_not_prompt`.
+- A record may give `prompt` instead of `messages`: a string (one user turn) or a message list.
 - `answer` is a string (numbers are accepted and written as `str(n)`); every other top-level field except
   `messages` and `tools` lands in `extra` (null values count as absent, as in data/).
 - `messages` holds the canonical messages (content a string, `reasoning_content`, `tool_calls` with dict
@@ -121,6 +122,7 @@ def load_prompts(
 
 def prompt_from_record(record: Any, origin: Origin, *, answer_field: str = "answer") -> tuple[PromptRecord, bool]:
     """One raw record → (prompt, whether a final assistant turn was removed); `DataError` at `origin` if unusable."""
+    record = prompt_as_messages(record)
     conversation = parse_record(record, origin)
     messages = conversation.messages
     answer = _answer_of(record.get(answer_field), answer_field, origin)
@@ -140,6 +142,16 @@ def prompt_from_record(record: Any, origin: Origin, *, answer_field: str = "answ
         origin=origin,
     )
     return prompt, removed
+
+
+def prompt_as_messages(record: Any) -> Any:
+    """A record without `messages` whose `prompt` is a string (one user turn) or a message list (verl's and
+    NeMo-RL's datasets) as the `messages` record it stands for; any other record unchanged."""
+    if not isinstance(record, dict) or "messages" in record or "prompt" not in record:
+        return record
+    prompt = record["prompt"]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return {**{key: value for key, value in record.items() if key != "prompt"}, "messages": messages}
 
 
 def check_prompt(conversation: Conversation, *, final_turn_removed: bool = False) -> None:
